@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# 8 simulated devices: the sharded code paths run even on a laptop CPU.
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: demo test bench install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned, so nothing later resolves an unpinned (CUDA) build.
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[torch,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m jaxmed.demo --workdir runs/demo
+
+test: install
+	$(PY) -m pytest -n 2 --timeout=900 tests
+
+bench: install
+	$(PY) bench/forward.py
+
+clean:
+	rm -rf $(VENV) runs

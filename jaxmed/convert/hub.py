@@ -1,0 +1,189 @@
+"""Read and write Hugging Face model directories: config.json, safetensors weights, preprocessor_config.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from jaxmed.convert import TABLES
+from jaxmed.convert.core import to_flax, to_hf
+from jaxmed.errors import JaxmedError
+from jaxmed.models.layers import Static
+
+log = logging.getLogger("jaxmed.convert")
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def resolve(src: str | Path) -> Path:
+    """A local HF model directory, or a hub id fetched into the HF cache (which needs the network)."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise JaxmedError(f"{path} has no config.json: not a Hugging Face model directory "
+                              "(expected config.json and model.safetensors, as save_pretrained writes them)")
+        return path
+    if path.exists():
+        raise JaxmedError(f"{path} is a file; pass the model directory that holds config.json")
+    if not _HUB_ID.fullmatch(str(src)):
+        raise JaxmedError(f"no such model directory: {src}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(src), allow_patterns=["*.json", "*.safetensors", "pytorch_model.bin"]))
+    except Exception as error:  # offline, unknown id, gated repo: all end the same way for the user
+        raise JaxmedError(
+            f"{src!r} is not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(error).__name__}; offline?). On a machine with internet run `hf download {src} --local-dir DIR` "
+            "and pass DIR instead") from None
+
+
+def read_config(path: Path):
+    """config.json → the transformers config class of a supported architecture."""
+    from jaxmed.models import MODELS
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise JaxmedError(f"cannot read {path / 'config.json'}: {error}") from None
+    model_type = raw.get("model_type")
+    if model_type not in MODELS:
+        raise JaxmedError(f"unsupported architecture {model_type!r} in {path / 'config.json'}; "
+                          f"jaxmed supports: {', '.join(sorted(MODELS))}")
+    config_class, _ = MODELS[model_type]
+    return config_class.from_pretrained(str(path))
+
+
+def load_state_dict(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory as numpy: safetensors preferred, a torch .bin only weights-only."""
+    present = [name for name in _WEIGHT_FILES if (path / name).is_file()]
+    if not present:
+        raise JaxmedError(f"no weights in {path}: expected one of {', '.join(_WEIGHT_FILES)}")
+    name = present[0]
+    files = [path / name]
+    if name.endswith(".index.json"):
+        index = json.loads((path / name).read_text())
+        files = [path / shard for shard in sorted(set(index["weight_map"].values()))]
+    tensors = {}
+    for file in files:
+        tensors.update(_load_safetensors(file) if file.suffix == ".safetensors" else _load_torch_bin(file))
+    return tensors
+
+
+def _load_safetensors(file: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as error:
+        raise JaxmedError(f"{file} is corrupted or not a safetensors file ({error}); "
+                          "re-download or re-export the checkpoint") from None
+
+
+def _load_torch_bin(file: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise JaxmedError(f"{file} is a PyTorch pickle; install jaxmed[torch] to read it (weights only), "
+                          "or convert the checkpoint to model.safetensors") from None
+    try:
+        # weights_only: never execute code from a checkpoint file.
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise JaxmedError(f"cannot read {file} as weights-only PyTorch state dict ({error})") from None
+    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
+
+
+def _variables(model) -> nnx.State:
+    return nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+
+
+def _dotted(key: tuple) -> str:
+    return ".".join(str(part) for part in key)
+
+
+def flat_weights(model) -> dict[str, np.ndarray]:
+    """Our parameters and batch statistics as {dotted path: numpy array}."""
+    return {_dotted(key): np.asarray(var.value) for key, var in _variables(model).flat_state()}
+
+
+def load_weights(model, tensors: dict[str, np.ndarray], *, allow_head_mismatch: bool = False) -> None:
+    """Copy an HF state dict into `model` in place; report what was re-initialised, refuse what is missing."""
+    model_type = model.config.model_type
+    table, _ = TABLES[model_type]
+    state = _variables(model)
+    flat = state.flat_state()
+    expected = {_dotted(key): (var.value.shape, var.value.dtype) for key, var in flat}
+    values, report = to_flax(tensors, expected, table, allow_head_mismatch=allow_head_mismatch)
+    if report.missing:
+        shown = ", ".join(report.missing[:8]) + (f" … ({len(report.missing)} in all)" if len(report.missing) > 8 else "")
+        raise JaxmedError(f"the checkpoint lacks weights the {model_type} model needs: {shown} "
+                          f"(HF keys {', '.join(table.hf_key(p)[0] for p in report.missing[:3])}…)")
+    if report.unexpected:
+        log.warning("unused checkpoint keys (%d): %s", len(report.unexpected), ", ".join(report.unexpected[:20]))
+    if report.reinitialised:
+        log.warning("re-initialised %s for %d labels (not taken from the checkpoint)",
+                    ", ".join(report.reinitialised), model.config.num_labels)
+    pure = traverse_util.unflatten_dict(
+        {key: (jnp.asarray(values[_dotted(key)]) if _dotted(key) in values else var.value) for key, var in flat})
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+
+
+def from_pretrained(src, num_labels: int | None = None, id2label: dict | None = None,
+                    label2id: dict | None = None, *, dtype=None, seed: int = 0):
+    """Load an HF image classifier (local directory or hub id) as a jaxmed model, in eval mode like HF."""
+    from jaxmed.models import MODELS
+
+    path = resolve(src)
+    config = read_config(path)
+    checkpoint_labels = config.num_labels
+    if id2label is not None:
+        config.id2label = {int(k): v for k, v in id2label.items()}
+        config.label2id = label2id or {v: int(k) for k, v in config.id2label.items()}
+        num_labels = num_labels or len(config.id2label)
+    if num_labels is not None and num_labels != config.num_labels:
+        if id2label is None:
+            config.num_labels = num_labels  # transformers then names them LABEL_0 …
+        if len(config.id2label) != num_labels:
+            raise JaxmedError(f"num_labels={num_labels} but id2label has {len(config.id2label)} entries")
+    tensors = load_state_dict(path)
+    _, model_class = MODELS[config.model_type]
+    model = model_class(config, dtype=dtype, rngs=nnx.Rngs(seed))
+    load_weights(model, tensors, allow_head_mismatch=config.num_labels != checkpoint_labels)
+    preprocessor_file = path / "preprocessor_config.json"
+    preprocessor = (json.loads(preprocessor_file.read_text()) if preprocessor_file.is_file()
+                    else TABLES[config.model_type][1])
+    model.hf_preprocessor = Static(preprocessor)
+    model.eval()
+    return model
+
+
+def preprocessor_config(model) -> dict:
+    """The model's preprocessor_config.json: the one it was loaded with, else its architecture's default."""
+    stored = getattr(model, "hf_preprocessor", None)
+    return dict(stored.value) if stored is not None else dict(TABLES[model.config.model_type][1])
+
+
+def save_pretrained(model, out_dir) -> Path:
+    """Write an HF directory that `transformers.AutoModelForImageClassification.from_pretrained` opens."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table, _ = TABLES[model.config.model_type]
+    config = copy.deepcopy(model.config)
+    config.architectures = [table.hf_class]
+    config.save_pretrained(str(out))
+    save_file(to_hf(flat_weights(model), table), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(model), indent=2) + "\n")
+    return out

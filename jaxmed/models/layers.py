@@ -1,0 +1,153 @@
+"""Building blocks shared by the models: PyTorch-exact BatchNorm, HF activations, torch's bicubic resize."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class Static:
+    """Carries a config (transformers config or JSON-able dict) in an NNX graphdef, which must be hashable."""
+
+    def __init__(self, value):
+        self.value = value
+        if hasattr(value, "to_json_string"):
+            self._key = value.to_json_string(use_diff=False)
+        else:
+            self._key = json.dumps(value, sort_keys=True)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, Static) and other._key == self._key
+
+    def __repr__(self):
+        return f"Static({type(self.value).__name__})"
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm with PyTorch semantics, so HF statistics load and update exactly as in torch.
+
+    PyTorch updates `running_var` with the *unbiased* batch variance and counts `num_batches_tracked`;
+    flax's BatchNorm does neither. `momentum` is PyTorch's (weight of the new batch).
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1, dtype=None,
+                 rngs: nnx.Rngs | None = None):
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        self.eps = eps
+        self.momentum = momentum
+        self.dtype = dtype
+        self.use_running_average = False
+
+    def __call__(self, x):
+        reduce_axes = tuple(range(x.ndim - 1))
+        if self.use_running_average:
+            mean, var = self.mean.value, self.var.value
+        else:
+            x32 = x.astype(jnp.float32)
+            mean = jnp.mean(x32, axis=reduce_axes)
+            var = jnp.mean(jnp.square(x32 - mean), axis=reduce_axes)
+            n = math.prod(x.shape[:-1])
+            unbiased = var * (n / max(n - 1, 1))
+            m = self.momentum
+            self.mean.value = (1 - m) * self.mean.value + m * jax.lax.stop_gradient(mean)
+            self.var.value = (1 - m) * self.var.value + m * jax.lax.stop_gradient(unbiased)
+            self.num_batches_tracked.value = self.num_batches_tracked.value + 1
+        inv = jax.lax.rsqrt(var + self.eps) * self.scale.value
+        y = (x - mean.astype(x.dtype)) * inv.astype(x.dtype) + self.bias.value.astype(x.dtype)
+        return y.astype(self.dtype) if self.dtype is not None else y
+
+
+def _gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# HF `hidden_act` values (transformers.activations.ACT2FN) and their JAX equivalents.
+ACTIVATIONS = {
+    "gelu": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "leaky_relu": jax.nn.leaky_relu,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+@functools.lru_cache(maxsize=64)
+def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) matrix of torch's `interpolate(mode='bicubic', align_corners=False)` along one axis.
+
+    torch uses the cubic convolution kernel with a=-0.75 and clamps indices at the border, unlike
+    `jax.image.resize` (a=-0.5, antialiased); HF's ViT position-embedding interpolation depends on it.
+    """
+    a = -0.75
+
+    def near(t):  # |t| <= 1
+        return ((a + 2) * t - (a + 3)) * t * t + 1
+
+    def far(t):  # 1 < |t| < 2
+        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+
+    matrix = np.zeros((out_size, in_size), np.float64)
+    scale = in_size / out_size
+    for dst in range(out_size):
+        src = (dst + 0.5) * scale - 0.5
+        left = math.floor(src)
+        t = src - left
+        weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
+        for offset, weight in zip((-1, 0, 1, 2), weights):
+            matrix[dst, min(max(left + offset, 0), in_size - 1)] += weight
+    return matrix.astype(np.float32)
+
+
+def torch_bicubic_resize(grid, out_hw: tuple[int, int]):
+    """Resize a (H, W, C) array like torch's bicubic interpolate (align_corners=False)."""
+    rows = jnp.asarray(torch_bicubic_matrix(grid.shape[0], out_hw[0]))
+    cols = jnp.asarray(torch_bicubic_matrix(grid.shape[1], out_hw[1]))
+    hp = jax.lax.Precision.HIGHEST
+    return jnp.einsum("oh,hwc,pw->opc", rows, grid, cols, precision=hp)
+
+
+def torch_linear_init(key, shape, dtype=jnp.float32):
+    """torch.nn.Linear's default kernel init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); flax kernels are (in, out)."""
+    fan_in = shape[0]
+    bound = fan_in**-0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def torch_conv_padding(kernel: int, stride: int, padding: int | None = None, dilation: int = 1):
+    """Explicit pad pairs for a PyTorch Conv2d: PyTorch pads symmetrically, never like 'SAME'."""
+    pad = (kernel - 1) * dilation // 2 if padding is None else padding
+    return ((pad, pad), (pad, pad))
