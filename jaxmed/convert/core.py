@@ -134,5 +134,5 @@ def to_hf(flat: Mapping[str, np.ndarray], table: Table) -> dict[str, np.ndarray]
         tensor = leaf.to_hf(np.asarray(value))
         if leaf.hf_dtype is not None:
             tensor = tensor.astype(leaf.hf_dtype)
-        out[key] = np.ascontiguousarray(tensor)
+        out[key] = np.array(tensor, order="C")  # not ascontiguousarray: it turns 0-d scalars into 1-d
     return out

@@ -1,4 +1,7 @@
-"""Read and write Hugging Face model directories: config.json, safetensors weights, preprocessor_config.json."""
+"""Read and write Hugging Face model directories: config.json, safetensors weights, preprocessor_config.json.
+
+jaxmed.models re-exports this module's API, so it imports jaxmed.models only inside functions (no import cycle).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ from flax import nnx, traverse_util
 from jaxmed.convert import TABLES
 from jaxmed.convert.core import to_flax, to_hf
 from jaxmed.errors import JaxmedError
-from jaxmed.models.layers import Static
 
 log = logging.getLogger("jaxmed.convert")
 
@@ -143,6 +145,7 @@ def from_pretrained(src, num_labels: int | None = None, id2label: dict | None = 
                     label2id: dict | None = None, *, dtype=None, seed: int = 0):
     """Load an HF image classifier (local directory or hub id) as a jaxmed model, in eval mode like HF."""
     from jaxmed.models import MODELS
+    from jaxmed.models.layers import Static
 
     path = resolve(src)
     config = read_config(path)

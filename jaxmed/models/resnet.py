@@ -47,11 +47,16 @@ class ShortCut(nnx.Module):
         return self.normalization(self.convolution(x))
 
 
+# HF builds the inner convolutions of its blocks with ResNetConvLayer's default activation, "relu", whatever
+# config.hidden_act says; only the stem and each block's output use hidden_act. We mirror that exactly.
+INNER_ACT = "relu"
+
+
 class BasicLayer(nnx.Module):
     def __init__(self, cin, cout, stride, act, *, dtype, rngs, **_):
         self.shortcut = ShortCut(cin, cout, stride, dtype=dtype, rngs=rngs) if cin != cout or stride != 1 else None
         self.layer = nnx.List([
-            ConvLayer(cin, cout, stride=stride, act=act, dtype=dtype, rngs=rngs),
+            ConvLayer(cin, cout, stride=stride, act=INNER_ACT, dtype=dtype, rngs=rngs),
             ConvLayer(cout, cout, act=None, dtype=dtype, rngs=rngs),
         ])
         self.act = activation(act)
@@ -68,9 +73,10 @@ class BottleNeckLayer(BasicLayer):
         mid = cout // reduction
         self.shortcut = ShortCut(cin, cout, stride, dtype=dtype, rngs=rngs) if cin != cout or stride != 1 else None
         self.layer = nnx.List([
-            ConvLayer(cin, mid, kernel=1, stride=stride if downsample_in_bottleneck else 1, act=act,
+            ConvLayer(cin, mid, kernel=1, stride=stride if downsample_in_bottleneck else 1, act=INNER_ACT,
                       dtype=dtype, rngs=rngs),
-            ConvLayer(mid, mid, stride=1 if downsample_in_bottleneck else stride, act=act, dtype=dtype, rngs=rngs),
+            ConvLayer(mid, mid, stride=1 if downsample_in_bottleneck else stride, act=INNER_ACT, dtype=dtype,
+                      rngs=rngs),
             ConvLayer(mid, cout, kernel=1, act=None, dtype=dtype, rngs=rngs),
         ])
         self.act = activation(act)
