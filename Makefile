@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest -n 2 --timeout=900 tests
 
 bench: install
-	$(PY) bench/forward.py
+	XLA_FLAGS= $(PY) bench/forward.py
 
 clean:
 	rm -rf $(VENV) runs
