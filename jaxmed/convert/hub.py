@@ -118,13 +118,14 @@ def flat_weights(model) -> dict[str, np.ndarray]:
     return {_dotted(key): np.asarray(var.value) for key, var in _variables(model).flat_state()}
 
 
-def load_weights(model, tensors: dict[str, np.ndarray], *, allow_head_mismatch: bool = False) -> None:
-    """Copy an HF state dict into `model` in place; report what was re-initialised, refuse what is missing."""
-    model_type = model.config.model_type
+def convert_checkpoint(tensors: dict[str, np.ndarray], expected: dict[str, tuple], model_type: str, *,
+                       num_labels: int, allow_head_mismatch: bool = False) -> dict[str, np.ndarray]:
+    """HF tensors → {our dotted path: array} for the paths in `expected` ({path: (shape, dtype)}).
+
+    Missing weights are an error naming them; unused keys and re-initialised head leaves (absent from the result)
+    are logged. Used on a concrete model (`load_weights`) and on the trainer's abstract, sharded state.
+    """
     table, _ = TABLES[model_type]
-    state = _variables(model)
-    flat = state.flat_state()
-    expected = {_dotted(key): (var.value.shape, var.value.dtype) for key, var in flat}
     values, report = to_flax(tensors, expected, table, allow_head_mismatch=allow_head_mismatch)
     if report.missing:
         shown = ", ".join(report.missing[:8]) + (f" … ({len(report.missing)} in all)" if len(report.missing) > 8 else "")
@@ -134,11 +135,42 @@ def load_weights(model, tensors: dict[str, np.ndarray], *, allow_head_mismatch: 
         log.warning("unused checkpoint keys (%d): %s", len(report.unexpected), ", ".join(report.unexpected[:20]))
     if report.reinitialised:
         log.warning("re-initialised %s for %d labels (not taken from the checkpoint)",
-                    ", ".join(report.reinitialised), model.config.num_labels)
+                    ", ".join(report.reinitialised), num_labels)
+    return values
+
+
+def load_weights(model, tensors: dict[str, np.ndarray], *, allow_head_mismatch: bool = False) -> None:
+    """Copy an HF state dict into `model` in place; report what was re-initialised, refuse what is missing."""
+    state = _variables(model)
+    flat = state.flat_state()
+    expected = {_dotted(key): (var.value.shape, var.value.dtype) for key, var in flat}
+    values = convert_checkpoint(tensors, expected, model.config.model_type, num_labels=model.config.num_labels,
+                                allow_head_mismatch=allow_head_mismatch)
     pure = traverse_util.unflatten_dict(
         {key: (jnp.asarray(values[_dotted(key)]) if _dotted(key) in values else var.value) for key, var in flat})
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
+
+
+def relabel(config, num_labels: int | None = None, id2label: dict | None = None, label2id: dict | None = None):
+    """Apply HF-style label overrides to a config in place; True when the head no longer fits the checkpoint."""
+    checkpoint_labels = config.num_labels
+    if id2label is not None:
+        config.id2label = {int(k): v for k, v in id2label.items()}
+        config.label2id = dict(label2id) if label2id else {v: int(k) for k, v in config.id2label.items()}
+        num_labels = num_labels or len(config.id2label)
+    if num_labels is not None and num_labels != config.num_labels:
+        if id2label is None:
+            config.num_labels = num_labels  # transformers then names them LABEL_0 …
+        if len(config.id2label) != num_labels:
+            raise JaxmedError(f"num_labels={num_labels} but id2label has {len(config.id2label)} entries")
+    return config.num_labels != checkpoint_labels
+
+
+def read_preprocessor(path: Path, model_type: str) -> dict:
+    """The directory's preprocessor_config.json, else the architecture's reference one."""
+    file = path / "preprocessor_config.json"
+    return json.loads(file.read_text()) if file.is_file() else dict(TABLES[model_type][1])
 
 
 def from_pretrained(src, num_labels: int | None = None, id2label: dict | None = None,
@@ -149,24 +181,12 @@ def from_pretrained(src, num_labels: int | None = None, id2label: dict | None = 
 
     path = resolve(src)
     config = read_config(path)
-    checkpoint_labels = config.num_labels
-    if id2label is not None:
-        config.id2label = {int(k): v for k, v in id2label.items()}
-        config.label2id = label2id or {v: int(k) for k, v in config.id2label.items()}
-        num_labels = num_labels or len(config.id2label)
-    if num_labels is not None and num_labels != config.num_labels:
-        if id2label is None:
-            config.num_labels = num_labels  # transformers then names them LABEL_0 …
-        if len(config.id2label) != num_labels:
-            raise JaxmedError(f"num_labels={num_labels} but id2label has {len(config.id2label)} entries")
+    relabelled = relabel(config, num_labels, id2label, label2id)
     tensors = load_state_dict(path)
     _, model_class = MODELS[config.model_type]
     model = model_class(config, dtype=dtype, rngs=nnx.Rngs(seed))
-    load_weights(model, tensors, allow_head_mismatch=config.num_labels != checkpoint_labels)
-    preprocessor_file = path / "preprocessor_config.json"
-    preprocessor = (json.loads(preprocessor_file.read_text()) if preprocessor_file.is_file()
-                    else TABLES[config.model_type][1])
-    model.hf_preprocessor = Static(preprocessor)
+    load_weights(model, tensors, allow_head_mismatch=relabelled)
+    model.hf_preprocessor = Static(read_preprocessor(path, config.model_type))
     model.eval()
     return model
 

@@ -1,0 +1,62 @@
+"""The experiment config every configs/*.py starts from: every key a run reads, with its default.
+
+Durations are in epochs (`train.epochs`, a phase's `epochs`, fractional allowed) or, when `train.steps` > 0,
+in steps; `train.eval_every_steps` = 0 evaluates once per epoch.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxmed import data
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = data.default_config()
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "vit"  # a key of jaxmed.models.MODELS: vit, resnet, cvt, efficientnet
+    config.model.init_from = ""  # HF hub id or local HF directory; empty: random init from model.hf_config
+    config.model.hf_config = ml_collections.ConfigDict()  # transformers config kwargs for a from-scratch model
+    config.model.preprocessor = ml_collections.ConfigDict()  # overrides of the preprocessor_config.json keys
+    config.model.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision (weights stay float32)
+
+    config.train = ml_collections.ConfigDict()
+    config.train.epochs = 10.0
+    config.train.steps = 0  # > 0: train this many steps instead of train.epochs (single phase)
+    config.train.batch_size = 16  # global, over all hosts and devices
+    config.train.eval_batch_size = 64
+    config.train.phases = ()  # list of {name, epochs, lr, trainable}; empty: one phase (train.epochs, optim.lr)
+    config.train.eval_every_steps = 0  # 0: every epoch
+    config.train.log_every_steps = 10
+    config.train.best_metric = "accuracy"  # a validation metric; the best checkpoints are kept by it
+    config.train.best_mode = "max"
+    config.train.keep_best = 1
+    config.train.early_stopping_patience = 0  # evaluations without improvement before stopping; 0: never
+    config.train.label_smoothing = 0.0
+    config.train.class_weighted_loss = False  # weights inverse to class frequency (sklearn 'balanced')
+    config.train.grad_accumulation = 1
+    config.train.evaluate_test = True  # at the end, evaluate the best checkpoint on the test split
+    config.train.async_checkpoints = True
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.name = "adamw"  # adamw | sgd
+    config.optim.lr = 2e-5
+    config.optim.weight_decay = 0.01
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.momentum = 0.9  # sgd
+    config.optim.nesterov = False  # sgd
+    config.optim.schedule = "linear"  # linear (HF Trainer's default) | cosine | constant
+    config.optim.warmup_steps = 0
+    config.optim.warmup_ratio = 0.0
+    config.optim.clip_norm = 1.0  # HF Trainer's max_grad_norm; 0 disables
+    config.optim.trainable = ()  # regexes of trainable parameter paths for a single-phase run; empty: all
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # -1: all devices not used by fsdp
+    config.mesh.fsdp = 1
+    return config
