@@ -17,12 +17,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[torch,dev]"
 	touch $@
 
+# The tfds extra (TensorFlow, ~0.5 GB) only for the tests that prepare a TFDS dataset.
+$(VENV)/.installed-tfds: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[torch,dev,tfds]"
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: install
 	$(PY) -m jaxmed.demo --workdir runs/demo
 
-test: install
+test: install $(VENV)/.installed-tfds
 	$(PY) -m pytest -n 2 --timeout=900 tests
 
 bench: install

@@ -15,16 +15,19 @@ FSDP_MIN_SIZE = 2**14
 
 
 def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
-    """`data` × `fsdp` over all devices; -1 takes what the other axis leaves."""
+    """`data` × `fsdp` over all devices; -1 takes what the other axis leaves. On one host a smaller mesh uses
+    the first devices (e.g. data=1 to compare with a single-device run)."""
     count = jax.device_count()
     if data == -1:
         data = count // fsdp
     if fsdp == -1:
         fsdp = count // data
-    if data * fsdp != count:
-        raise JaxmedError(f"mesh data={data} × fsdp={fsdp} does not cover the {count} devices; "
+    size = data * fsdp
+    if size != count and (jax.process_count() > 1 or size > count or size < 1):
+        raise JaxmedError(f"mesh data={data} × fsdp={fsdp} does not fit the {count} devices; "
                           "set --config.mesh.data and --config.mesh.fsdp so their product is the device count")
-    return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+    return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=jax.devices()[:size])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -39,10 +39,15 @@ def phases(config) -> list[Phase]:
             for i, p in enumerate(listed)]
 
 
-def _paths(tree) -> dict:
+def dotted(key_path) -> str:
+    """A pytree key path as our dotted parameter path; nnx Variables add a `.value` attribute step, dropped."""
+    parts = [k for k in key_path if not isinstance(k, jax.tree_util.GetAttrKey)]
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in parts)
+
+
+def _paths(tree):
     """pytree of dotted parameter paths, same structure as `tree`."""
-    return jax.tree_util.tree_map_with_path(
-        lambda key, _: ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in key), tree)
+    return jax.tree_util.tree_map_with_path(lambda key, _: dotted(key), tree)
 
 
 def decay_mask(params: nnx.State, model_type: str, layernorm_paths: frozenset[str]):

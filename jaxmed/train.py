@@ -72,18 +72,15 @@ def build_model(spec: ModelSpec, dtype, seed: int):
 def cross_entropy(logits, labels, *, smoothing: float = 0.0, class_weights=None, mask=None):
     """torch CrossEntropyLoss semantics: label smoothing, and a class-weighted mean Σw·l / Σw."""
     logits = logits.astype(jnp.float32)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing) if smoothing else \
-        jax.nn.one_hot(labels, logits.shape[-1])
-    if class_weights is not None and smoothing:
-        # torch weights each class's term of the smoothed target, not the example
-        losses = -jnp.sum(targets * class_weights * jax.nn.log_softmax(logits), axis=-1)
-        weights = class_weights[labels]
-    else:
-        losses = optax.softmax_cross_entropy(logits, targets)
-        weights = class_weights[labels] if class_weights is not None else jnp.ones_like(losses)
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1])
+    targets = optax.smooth_labels(one_hot, smoothing) if smoothing else one_hot
+    per_class = class_weights if class_weights is not None else jnp.ones(logits.shape[-1], jnp.float32)
+    # torch weights each class's term of the (smoothed) target, and divides by the weights of the true classes
+    losses = -jnp.sum(targets * per_class * jax.nn.log_softmax(logits), axis=-1)
+    denominators = per_class[labels]
     if mask is not None:
-        weights = weights * mask
-    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
+        losses, denominators = losses * mask, denominators * mask
+    return jnp.sum(losses) / jnp.maximum(jnp.sum(denominators), 1e-12)
 
 
 @dataclasses.dataclass
@@ -231,14 +228,16 @@ def make_train_step(run: Run, tx, class_weights):
     def train_step(state, batch):
         step_rest = reseeded(rest, jax.random.fold_in(base_key, state["step"]))
 
-        def loss_fn(params):
-            model = nnx.merge(graph, params, state["stats"], step_rest)
+        def loss_fn(params, stats, step_rest):
+            # copy=True: fresh Variables of this trace, so dropout counters and BatchNorm statistics may update
+            model = nnx.merge(graph, params, stats, step_rest, copy=True)
             logits = model(jdata.model_inputs(batch["image"], run.preprocessor))
             loss = cross_entropy(logits, batch["label"], smoothing=config.train.label_smoothing,
                                  class_weights=class_weights)
             return loss, (logits, nnx.state(model, nnx.BatchStat))
 
-        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["stats"], step_rest)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),

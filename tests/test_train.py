@@ -1,0 +1,143 @@
+"""Trainer: the loss, HF Trainer parity, the same numbers on 1 and 8 devices, errors for people."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+
+import tiny_config
+from jaxmed import data as jdata
+from jaxmed import train
+from jaxmed.convert import TABLES
+from jaxmed.errors import JaxmedError
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def _config(cache_dir, **train_overrides):
+    config = tiny_config.get_config()
+    config.data.cache_dir = cache_dir
+    config.train.evaluate_test = False
+    config.train.async_checkpoints = False
+    for key, value in train_overrides.items():
+        section, _, name = key.partition("__")
+        config[section][name] = value
+    return config
+
+
+def _losses(workdir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+def test_cross_entropy_matches_torch():
+    rng = np.random.RandomState(0)
+    logits, labels = rng.randn(6, 4).astype(np.float32), rng.randint(0, 4, 6)
+    weights = np.array([0.5, 2.0, 1.0, 3.0], np.float32)
+    for smoothing, class_weights in [(0.0, None), (0.1, None), (0.0, weights), (0.2, weights)]:
+        ours = train.cross_entropy(logits, labels, smoothing=smoothing,
+                                   class_weights=None if class_weights is None else jax.numpy.asarray(class_weights))
+        reference = torch.nn.functional.cross_entropy(
+            torch.from_numpy(logits), torch.from_numpy(labels), label_smoothing=smoothing,
+            weight=None if class_weights is None else torch.from_numpy(class_weights))
+        assert abs(float(ours) - float(reference)) <= 1e-6, (smoothing, class_weights is not None)
+
+
+def test_decay_mask_equals_hf_trainer(tmp_path):
+    from flax import nnx
+    from jaxmed import optim
+    from jaxmed.models import ViT
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                       image_size=32, patch_size=8, num_labels=3)
+    hf_names = set(Trainer.get_decay_parameter_names(None, ViTForImageClassification(config)))
+    model = ViT(config, rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    mask = optim.decay_mask(params, "vit", optim.layernorm_paths(model))
+    flat = jax.tree_util.tree_leaves_with_path(mask)
+    table = TABLES["vit"][0]
+    ours = {table.hf_key(optim.dotted(path))[0] for path, decays in flat if decays}
+    # transformers names parameters in memory like vit.layers.0.attention.q_proj: compare by role, not spelling
+    assert len(ours) == len(hf_names)
+    assert {n.rsplit(".", 1)[-1] for n in ours} == {"weight", "cls_token", "position_embeddings"}
+    assert not any("layernorm" in n or n.endswith("bias") for n in ours)
+
+
+def test_per_step_losses_match_the_hf_trainer(tmp_path, cache_dir):
+    """Same random-init HF ViT, same batches, AdamW + linear schedule + clipping as transformers.Trainer builds
+    them, dropout off: our per-step losses equal PyTorch's within 1e-4 relative."""
+    torch.manual_seed(0)
+    hf_config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, num_labels=4, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)
+    reference = ViTForImageClassification(hf_config)
+    reference.save_pretrained(str(tmp_path / "hf"))
+    (tmp_path / "hf/preprocessor_config.json").write_text(json.dumps(
+        dict(TABLES["vit"][1], size={"height": 32, "width": 32})))
+    steps = 5
+    config = _config(cache_dir, train__steps=steps, train__eval_every_steps=100, optim__lr=1e-3,
+                     optim__weight_decay=0.01, optim__clip_norm=1.0, optim__schedule="linear")
+    config.model.init_from = str(tmp_path / "hf")
+    config.model.preprocessor = {}
+    config.data.augment.enabled = False
+    train.train_and_evaluate(config, tmp_path / "run")
+    ours = _losses(tmp_path / "run")
+
+    preprocessor = jdata.Preprocessor.from_pretrained(tmp_path / "hf")
+    dataset = jdata.load_dataset(config.data, preprocessor)
+    batches = jdata.train_iterator(dataset.splits["train"], preprocessor, batch_size=8, seed=config.seed,
+                                   augment_settings=config.data.augment)
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), learning_rate=1e-3, weight_decay=0.01,
+                             max_grad_norm=1.0, lr_scheduler_type="linear", report_to=[], use_cpu=True)
+    trainer = Trainer(model=reference, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    reference.train()
+    for step in range(1, steps + 1):
+        batch = next(batches)
+        pixels = torch.from_numpy(preprocessor.normalize(batch["image"]).transpose(0, 3, 1, 2).copy())
+        loss = torch.nn.functional.cross_entropy(reference(pixels).logits, torch.from_numpy(batch["label"]).long())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad()
+        assert abs(ours[step] - loss.item()) <= 1e-4 * abs(loss.item()), (step, ours[step], loss.item())
+
+
+def test_one_and_eight_devices_give_the_same_losses(tmp_path, cache_dir):
+    assert jax.device_count() == 8
+    results = {}
+    for name, (data, fsdp) in {"1": (1, 1), "data8": (8, 1), "data4_fsdp2": (4, 2)}.items():
+        config = _config(cache_dir, train__steps=6, mesh__data=data, mesh__fsdp=fsdp)
+        train.train_and_evaluate(config, tmp_path / name)
+        results[name] = _losses(tmp_path / name)
+    assert len(results["1"]) == 6
+    for name in ("data8", "data4_fsdp2"):
+        for step, loss in results["1"].items():
+            assert abs(results[name][step] - loss) <= 1e-5, (name, step)
+
+
+def test_same_seed_same_numbers(tmp_path, cache_dir):
+    for name in ("a", "b"):
+        train.train_and_evaluate(_config(cache_dir, train__steps=4), tmp_path / name)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, cache_dir):
+    config = _config(cache_dir, train__steps=6, optim__lr=1e12, optim__clip_norm=0.0, optim__name="sgd")
+    with pytest.raises(JaxmedError, match=r"loss became .* at step \d+"):
+        train.train_and_evaluate(config, tmp_path / "run")
+    assert any((tmp_path / "run/checkpoints").iterdir())
+
+
+def test_bad_model_name_is_a_clear_error(tmp_path, cache_dir):
+    config = _config(cache_dir)
+    config.model.name = "bert"
+    with pytest.raises(JaxmedError, match="not a jaxmed model"):
+        train.train_and_evaluate(config, tmp_path / "run")
