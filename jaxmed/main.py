@@ -28,6 +28,9 @@ def maybe_initialize_distributed() -> None:
                                    process_id=int(os.environ["JAX_PROCESS_ID"]))
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()  # Cloud TPU VM slice: everything comes from the TPU metadata
+    if jax.process_count() > 1:
+        logging.getLogger("jaxmed").info("process %d of %d, %d local devices of %d", jax.process_index(),
+                                         jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def main(argv) -> int:

@@ -324,10 +324,11 @@ def train_and_evaluate(config, workdir) -> dict:
                               async_saves=tc.async_checkpoints)
     train_split = run.dataset.splits["train"]
     val_split = run.dataset.splits.get("val")
-    iterator = jdata.train_iterator(train_split, run.preprocessor, batch_size=tc.batch_size, seed=config.seed,
-                                    augment_settings=config.data.augment, balanced=config.data.balanced_sampling,
-                                    num_workers=config.data.num_workers, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+    iterator = jdata.host_train_iterator(
+        train_split, run.preprocessor, batch_size=tc.batch_size, shards=config.data.shards or jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed,
+        augment_settings=config.data.augment, balanced=config.data.balanced_sampling,
+        num_workers=config.data.num_workers)
     class_weights = (jnp.asarray(jdata.class_weights(train_split.labels, len(run.dataset.class_names)))
                      if tc.class_weighted_loss else None)
     meta = {"class_names": run.dataset.class_names, "model_type": run.spec.hf_config.model_type,

@@ -30,8 +30,9 @@ undoing the squash so crops keep the original aspect ratio.
 from jaxmed.data.augment import Settings as AugmentSettings
 from jaxmed.data.config import default_config
 from jaxmed.data.dataset import Dataset, Split, load_dataset
-from jaxmed.data.pipeline import class_weights, eval_batches, model_inputs, steps_per_epoch, train_iterator
+from jaxmed.data.pipeline import (class_weights, eval_batches, host_train_iterator, model_inputs, steps_per_epoch,
+                                  train_iterator)
 from jaxmed.data.preprocess import Preprocessor
 
 __all__ = ["AugmentSettings", "Dataset", "Preprocessor", "Split", "class_weights", "default_config",
-           "eval_batches", "load_dataset", "model_inputs", "steps_per_epoch", "train_iterator"]
+           "eval_batches", "host_train_iterator", "load_dataset", "model_inputs", "steps_per_epoch", "train_iterator"]

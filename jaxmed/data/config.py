@@ -20,6 +20,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.drop_duplicates = False  # drop train images that duplicate a val/test image
     config.near_duplicate_threshold = 4  # max Hamming distance of 64-bit pHashes (then confirmed); <0 disables
     config.balanced_sampling = False
+    config.shards = 0  # data shards, each read by one host; 0 = the process count. A multiple of the process
+    #                    count lets one host reproduce exactly the batches of a larger multi-host job
     config.num_workers = 0  # grain worker processes; 0 = in-process (threads)
     config.decode_threads = 0  # threads decoding files into the cache; 0 = one per core
 

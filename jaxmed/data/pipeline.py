@@ -8,6 +8,7 @@ jitted step with `model_inputs`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -56,6 +57,44 @@ def train_iterator(split: Split, preprocessor: Preprocessor, *, batch_size: int,
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                                      per_worker_buffer_size=2))
     return iter(iterable)
+
+
+class ShardedIterator:
+    """This host's part of the global batch when the data is cut into more shards than there are hosts: the
+    concatenation of its shards' batches, in shard order — exactly what those shards' hosts would contribute."""
+
+    def __init__(self, iterators: list):
+        self.iterators = iterators
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batches = [next(iterator) for iterator in self.iterators]
+        return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+
+    def get_state(self) -> bytes:  # grain's orbax handler stores bytes for iterators that are not its own
+        return json.dumps([iterator.get_state() for iterator in self.iterators]).encode()
+
+    def set_state(self, state: bytes) -> None:
+        for iterator, shard_state in zip(self.iterators, json.loads(state)):
+            iterator.set_state(shard_state)
+
+    def start_prefetch(self) -> None:
+        for iterator in self.iterators:
+            getattr(iterator, "start_prefetch", lambda: None)()
+
+
+def host_train_iterator(split: Split, preprocessor: Preprocessor, *, batch_size: int, shards: int,
+                        process_index: int, process_count: int, **kwargs):
+    """`train_iterator` for this host's shards (shards = process_count: just its own iterator)."""
+    if shards % process_count:
+        raise JaxmedError(f"data.shards={shards} must be a multiple of the {process_count} processes")
+    per_host = shards // process_count
+    iterators = [train_iterator(split, preprocessor, batch_size=batch_size,
+                                process_index=shard, process_count=shards, **kwargs)
+                 for shard in range(process_index * per_host, (process_index + 1) * per_host)]
+    return iterators[0] if per_host == 1 else ShardedIterator(iterators)
 
 
 def steps_per_epoch(split: Split, batch_size: int) -> int:
