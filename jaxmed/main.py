@@ -62,11 +62,36 @@ def main(argv) -> int:
     return 0
 
 
+def _unknown_key_message(argv: list[str], error: Exception) -> str:
+    """`--config.train.epoch=3` → name the bad key and list the valid ones at that level."""
+    import importlib.util
+
+    config_file = next((a.split("=", 1)[1] if "=" in a else argv[i + 1]
+                        for i, a in enumerate(argv) if a.split("=")[0] == "--config"), None)
+    overrides = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
+    hint = " ".join(str(error).replace("\\n", " ").replace("\\", "").replace("'", "").split())
+    if config_file is None:
+        return f"bad config override: {hint}"
+    spec = importlib.util.spec_from_file_location("experiment_config", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for override in overrides:
+        node, parts = config, override.split(".")
+        for depth, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node:
+                where = ".".join(parts[:depth]) or "the config"
+                valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(none: not a section)"
+                return f"unknown config key --config.{override} ({hint}); valid keys of {where}: {valid}"
+            node = node[part]
+    return f"bad config override: {hint}"
+
+
 def run() -> None:
     try:
         app.run(lambda argv: sys.exit(main(argv)))
-    except flags.Error as error:  # unknown --config.x: say which keys exist
-        print(f"error: {error}", file=sys.stderr)
+    except (flags.Error, AttributeError, KeyError) as error:  # raised while absl parses --config.x=y
+        print(f"error: {_unknown_key_message(sys.argv, error)}", file=sys.stderr)
         sys.exit(2)
 
 

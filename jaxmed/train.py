@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import signal
 import time
 from pathlib import Path
@@ -282,8 +281,9 @@ def predict(run: Run, eval_step, params, stats, split) -> tuple[np.ndarray, np.n
     return indices[order], logits[order]
 
 
-def validation_metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
-    from sklearn.metrics import balanced_accuracy_score, f1_score
+def validation_metrics(labels: np.ndarray, logits: np.ndarray, class_names: list[str]) -> dict:
+    """What the best checkpoint can be chosen by: accuracy, loss, balanced accuracy, F1, recall/<class>."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
 
     predictions = logits.argmax(-1)
     log_probs = jax.nn.log_softmax(jnp.asarray(logits))
@@ -291,7 +291,9 @@ def validation_metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
     return {"accuracy": float(np.mean(predictions == labels)), "loss": loss,
             "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
             "f1_macro": float(f1_score(labels, predictions, average="macro", zero_division=0)),
-            "f1_weighted": float(f1_score(labels, predictions, average="weighted", zero_division=0))}
+            "f1_weighted": float(f1_score(labels, predictions, average="weighted", zero_division=0)),
+            **{f"recall/{name}": float(value) for name, value in zip(class_names, recall_score(
+                labels, predictions, labels=list(range(len(class_names))), average=None, zero_division=0))}}
 
 
 class _Preemption:
@@ -324,6 +326,11 @@ def train_and_evaluate(config, workdir) -> dict:
                               async_saves=tc.async_checkpoints)
     train_split = run.dataset.splits["train"]
     val_split = run.dataset.splits.get("val")
+    if val_split is not None and tc.best_metric not in validation_metrics(
+            val_split.labels[:2], np.zeros((2, len(run.dataset.class_names))), run.dataset.class_names):
+        raise JaxmedError(f"train.best_metric={tc.best_metric!r} is not a validation metric; choose accuracy, loss, "
+                          f"balanced_accuracy, f1_macro, f1_weighted or recall/<class> with a class of "
+                          f"{run.dataset.class_names}")
     iterator = jdata.host_train_iterator(
         train_split, run.preprocessor, batch_size=tc.batch_size, shards=config.data.shards or jax.process_count(),
         process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed,
@@ -369,15 +376,16 @@ def train_and_evaluate(config, workdir) -> dict:
                 _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, state, iterator, meta)
                 started, pending = time.perf_counter(), []
             if val_split is not None and (step % eval_every == 0 or step == total):
-                metrics = validation_metrics(val_split.labels, predict(run, eval_step, state["params"],
-                                                                       state["stats"], val_split)[1])
+                indices, logits = predict(run, eval_step, state["params"], state["stats"], val_split)
+                metrics = validation_metrics(val_split.labels[indices], logits, run.dataset.class_names)
                 writer.write(step, {f"val/{k}": v for k, v in metrics.items()})
                 history.append({"step": step, **metrics})
                 checkpoints.save_best(step, {"params": state["params"], "stats": state["stats"]},
                                       dict(meta, step=step, val=metrics), metrics)
                 value = metrics[tc.best_metric] * (1 if tc.best_mode == "max" else -1)
                 best, stale = (value, 0) if best is None or value > best else (best, stale + 1)
-                bar.write(f"step {step}: val " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                bar.write(f"step {step}: val " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                         if not k.startswith("recall/")))
                 if tc.early_stopping_patience and stale >= tc.early_stopping_patience:
                     log.info("early stopping at step %d: no better %s for %d evaluations", step, tc.best_metric,
                              stale)

@@ -9,6 +9,7 @@ def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.format = "synthetic"  # imagefolder | hf | npz | tfds | synthetic
     config.root = ""  # folder, HF dataset dir/parquet/hub id, .npz file, or TFDS dataset dir
+    config.source = ""  # where to get the data, for error messages (configs/*.py fill it in)
     config.cache_dir = "~/.cache/jaxmed/data"
     config.cache_size = 256  # side of the square train-split cache that augmentation crops from
     config.grayscale = True  # MRI and X-ray: drop colour so a model cannot learn the file's colour mode

@@ -23,8 +23,10 @@ from jaxmed.errors import JaxmedError
 # Folder / split names users' datasets use for each of our splits (compared case-insensitively).
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"),
                "test": ("test", "testing")}
-DOWNLOAD_HINT = ("download the dataset (e.g. BRISC 2025 from Kaggle) and pass --config.data.root=PATH, "
-                 "or run configs/demo.py")
+def download_hint(config) -> str:
+    """What to do about missing data: the config's own `data.source` (where this dataset comes from), if set."""
+    where = config.get("source", "") or "download the dataset (e.g. BRISC 2025 from Kaggle)"
+    return f"{where} and pass --config.data.root=PATH, or try the built-in data: configs/demo.py"
 
 
 @dataclasses.dataclass
@@ -48,7 +50,7 @@ def open_source(config) -> Source:
     if loader is None:
         raise JaxmedError(f"data.format={config.format!r} is not one of {', '.join(LOADERS)}")
     if config.format != "synthetic" and not config.root:
-        raise JaxmedError(f"data.root is empty for data.format={config.format!r} — {DOWNLOAD_HINT}")
+        raise JaxmedError(f"data.root is empty for data.format={config.format!r} — {download_hint(config)}")
     return loader(config)
 
 
@@ -57,11 +59,11 @@ def open_source(config) -> Source:
 def imagefolder(config) -> Source:
     """One folder per class under split folders; the real Kaggle layouts are recognised (see find_split_folders)."""
     root = Path(config.root).expanduser()
-    folders = find_split_folders(root)
+    folders = find_split_folders(root, config)
     train_classes = _class_folders(folders["train"])
     if not train_classes:
         raise JaxmedError(f"no class folders under {folders['train']} — expected one folder per class; "
-                          f"{DOWNLOAD_HINT}")
+                          f"{download_hint(config)}")
     class_names = sorted(train_classes)
     splits, stats = {}, []
     for split, folder in folders.items():
@@ -84,12 +86,12 @@ def imagefolder(config) -> Source:
     return Source(f"imagefolder {root}", class_names, splits, {"root": str(root.resolve()), "files": _digest(stats)})
 
 
-def find_split_folders(root: Path) -> dict[str, Path]:
+def find_split_folders(root: Path, config) -> dict[str, Path]:
     """{"train": ..., "test": ..., "val"?: ...} for BRISC `classification_task/{train,test}`, Kermany
     `chest_xray/{train,val,test}`, Nickparvar `{Training,Testing}` or plain `{train,val,test}`, at `root` or a few
     folders below it (Kaggle archives nest them); the shallowest match wins."""
     if not root.is_dir():
-        raise JaxmedError(f"data.root={str(root)!r} is not a directory — {DOWNLOAD_HINT}")
+        raise JaxmedError(f"data.root={str(root)!r} is not a directory — {download_hint(config)}")
     level = [root]
     for _ in range(4):
         for directory in level:
@@ -99,7 +101,7 @@ def find_split_folders(root: Path) -> dict[str, Path]:
         level = [child for directory in level for child in _subfolders(directory)]
     raise JaxmedError(f"no images under {root}: found no train/Training folder with one folder per class (the "
                       f"layouts of BRISC classification_task/{{train,test}}, Kermany chest_xray/{{train,val,test}}, "
-                      f"Nickparvar {{Training,Testing}}) — {DOWNLOAD_HINT}")
+                      f"Nickparvar {{Training,Testing}}) — {download_hint(config)}")
 
 
 def _split_children(directory: Path) -> dict[str, Path]:
@@ -162,7 +164,7 @@ def huggingface(config) -> Source:
             loaded = datasets.load_from_disk(str(path))
         elif path.is_dir() and _has_split_folders(path):
             # datasets' own imagefolder inference merges Training/Testing into one "train" split: name them.
-            files = {name: str(folder / "**") for name, folder in find_split_folders(path).items()}
+            files = {name: str(folder / "**") for name, folder in find_split_folders(path, config).items()}
             loaded = datasets.load_dataset("imagefolder", data_files=files)
         elif path.is_file() and path.suffix == ".parquet":
             loaded = datasets.load_dataset("parquet", data_files={"train": str(path)})

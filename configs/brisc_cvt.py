@@ -1,0 +1,12 @@
+"""BRISC 2025 + microsoft/cvt-13: the reference fine-tuning protocol (jaxmed.protocols.finetune).
+
+    python -m jaxmed.main --config configs/brisc_cvt.py --workdir runs/brisc_cvt [--config.data.root=PATH]
+"""
+
+from jaxmed import protocols
+from jaxmed.config import base_config
+
+
+def get_config():
+    config = protocols.brisc(base_config())
+    return protocols.finetune(config, "microsoft/cvt-13")
