@@ -220,9 +220,9 @@ def reseeded(rest, key):
     return jax.tree.unflatten(treedef, leaves)
 
 
-def make_train_step(run: Run, tx, class_weights):
-    config, graph, rest = run.config, run.graph_train, run.rest
-    base_key = jax.random.key(config.seed)
+def step_function(graph, rest, tx, normalize, *, seed: int, label_smoothing: float = 0.0, class_weights=None):
+    """The pure train step {params, stats, opt, step}, batch → (state, metrics); jit it with shardings."""
+    base_key = jax.random.key(seed)
 
     def train_step(state, batch):
         step_rest = reseeded(rest, jax.random.fold_in(base_key, state["step"]))
@@ -230,9 +230,8 @@ def make_train_step(run: Run, tx, class_weights):
         def loss_fn(params, stats, step_rest):
             # copy=True: fresh Variables of this trace, so dropout counters and BatchNorm statistics may update
             model = nnx.merge(graph, params, stats, step_rest, copy=True)
-            logits = model(jdata.model_inputs(batch["image"], run.preprocessor))
-            loss = cross_entropy(logits, batch["label"], smoothing=config.train.label_smoothing,
-                                 class_weights=class_weights)
+            logits = model(normalize(batch["image"]))
+            loss = cross_entropy(logits, batch["label"], smoothing=label_smoothing, class_weights=class_weights)
             return loss, (logits, nnx.state(model, nnx.BatchStat))
 
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -243,11 +242,17 @@ def make_train_step(run: Run, tx, class_weights):
                    "grad_norm": optax.global_norm(grads)}
         return {"params": params, "stats": stats, "opt": opt, "step": state["step"] + 1}, metrics
 
+    return train_step
+
+
+def make_train_step(run: Run, tx, class_weights):
+    train_step = step_function(run.graph_train, run.rest, tx,
+                               lambda images: jdata.model_inputs(images, run.preprocessor), seed=run.config.seed,
+                               label_smoothing=run.config.train.label_smoothing, class_weights=class_weights)
     state_shardings = {"params": run.shardings["params"], "stats": run.shardings["stats"],
                        "opt": jmesh.tree_shardings(run.mesh, jax.eval_shape(tx.init, run.abstract["params"])),
                        "step": jmesh.replicated(run.mesh)}
-    batch_shardings = jmesh.batch_sharding(run.mesh)
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+    return jax.jit(train_step, in_shardings=(state_shardings, jmesh.batch_sharding(run.mesh)),
                    out_shardings=(state_shardings, jmesh.replicated(run.mesh)), donate_argnums=0)
 
 

@@ -141,3 +141,70 @@ def test_bad_model_name_is_a_clear_error(tmp_path, cache_dir):
     config.model.name = "bert"
     with pytest.raises(JaxmedError, match="not a jaxmed model"):
         train.train_and_evaluate(config, tmp_path / "run")
+
+
+def _checkpoint_params(workdir, step):
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
+
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    # nnx Variables are saved as {"value": array}: drop that last level
+    return {".".join(k[:-1] if k[-1] == "value" else k): np.asarray(v)
+            for k, v in traverse_util.flatten_dict(restored["params"]).items()}
+
+
+def _hf_dir(tmp_path):
+    torch.manual_seed(0)
+    hf_config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, num_labels=4, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)
+    ViTForImageClassification(hf_config).save_pretrained(str(tmp_path / "hf"))
+    (tmp_path / "hf/preprocessor_config.json").write_text(json.dumps(
+        dict(TABLES["vit"][1], size={"height": 32, "width": 32})))
+    return str(tmp_path / "hf")
+
+
+def test_phases_train_the_head_first_then_everything(tmp_path, cache_dir):
+    from jaxmed.models import from_pretrained
+
+    config = _config(cache_dir, train__steps=0, train__eval_every_steps=0)
+    config.model.init_from = _hf_dir(tmp_path)
+    config.model.preprocessor = {}
+    config.train.phases = [dict(name="head", epochs=1, lr=1e-2, trainable=("classifier",)),
+                           dict(name="all", epochs=1, lr=1e-3, trainable=())]
+    config.train.keep_best = 1
+    train.train_and_evaluate(config, tmp_path / "run")
+    steps = sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit())
+    end_of_head, end = steps[-2], steps[-1]
+    initial = from_pretrained(config.model.init_from)
+    patch = "vit.embeddings.patch_embeddings.projection.kernel"
+    first, last = _checkpoint_params(tmp_path / "run", end_of_head), _checkpoint_params(tmp_path / "run", end)
+    np.testing.assert_array_equal(first[patch], np.asarray(initial.vit.embeddings.patch_embeddings.projection.kernel.value))
+    assert np.abs(first["classifier.kernel"] - np.asarray(initial.classifier.kernel.value)).max() > 1e-4
+    assert np.abs(last[patch] - first[patch]).max() > 1e-6  # phase 2 trains the backbone
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path, cache_dir):
+    """Two micro-batches of 4 accumulate to exactly the update of one batch of 8 (dropout off, no BatchNorm)."""
+    def run(name, batch_size, accumulation, steps):
+        config = _config(cache_dir, train__steps=steps, train__batch_size=batch_size,
+                         train__grad_accumulation=accumulation, train__eval_every_steps=100, mesh__data=4)
+        config.model.hf_config.hidden_dropout_prob = 0.0
+        config.model.hf_config.attention_probs_dropout_prob = 0.0
+        config.data.augment.enabled = False
+        train.train_and_evaluate(config, tmp_path / name)
+        return _checkpoint_params(tmp_path / name, steps)
+
+    large, accumulated = run("large", 8, 1, 3), run("accumulated", 4, 2, 6)
+    # atol: the attention key bias has a mathematically zero gradient, so it holds only Adam-amplified rounding
+    # noise (~1e-6) that differs with the summation order
+    for key in large:
+        np.testing.assert_allclose(accumulated[key], large[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_bf16_compute_keeps_fp32_weights(tmp_path, cache_dir):
+    config = _config(cache_dir, train__steps=3, train__eval_every_steps=100)
+    config.model.dtype = "bfloat16"
+    train.train_and_evaluate(config, tmp_path / "run")
+    assert all(np.isfinite(v) for v in _losses(tmp_path / "run").values())
+    assert all(v.dtype == np.float32 for v in _checkpoint_params(tmp_path / "run", 3).values())

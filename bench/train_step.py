@@ -1,0 +1,104 @@
+"""Training throughput, jaxmed's train step vs HF PyTorch, same machine, same run, same random-init weights.
+
+    python bench/train_step.py [--models vit-b16 resnet50 cvt13] [--batch 8] [--seconds 20]
+
+fp32, 224², AdamW with global-norm clipping (the HF Trainer's defaults). MFU is the step's FLOPs (XLA's cost
+analysis of the compiled step, used for both frameworks) per second over a GEMM peak measured in the same run.
+One JSON line per model: {"model", "jaxmed", "reference", "unit": "img/s", "ratio", "mfu", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from forward import _configs, _rate  # noqa: E402
+
+from jaxmed.models import from_pretrained  # noqa: E402
+from jaxmed.train import step_function  # noqa: E402
+
+LR, CLIP = 2e-5, 1.0
+
+
+def gemm_peak(seconds: float = 3.0, n: int = 2048) -> float:
+    """FLOP/s of a large fp32 matmul in XLA on this machine, now."""
+    a = jnp.asarray(np.random.RandomState(0).randn(n, n).astype(np.float32))
+    matmul = jax.jit(lambda x, y: x @ y)
+    rate = _rate(lambda: matmul(a, a).block_until_ready(), 1, seconds)
+    return rate * 2 * n**3
+
+
+def bench(name: str, batch: int, seconds: float, peak: float) -> dict:
+    model_class, config = _configs()[name]
+    torch.manual_seed(0)
+    reference = model_class(config)
+    with tempfile.TemporaryDirectory() as directory:
+        reference.save_pretrained(directory)
+        model = from_pretrained(directory)
+    rng = np.random.RandomState(0)
+    images = rng.randn(batch, 224, 224, 3).astype(np.float32)
+    labels = rng.randint(0, config.num_labels, batch).astype(np.int32)
+
+    model.train()
+    graph, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    tx = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=0.01))
+    step = jax.jit(step_function(graph, rest, tx, lambda x: x, seed=0), donate_argnums=0)
+    state = {"params": params, "stats": stats, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    batch_arrays = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+    compiled = step.lower(state, batch_arrays).compile()
+    flops = float((compiled.cost_analysis() or {}).get("flops", 0.0))
+
+    def run_jax():
+        nonlocal state
+        state, metrics = step(state, batch_arrays)
+        metrics["loss"].block_until_ready()
+
+    reference.train()
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=LR, weight_decay=0.01)
+    x_torch = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    y_torch = torch.from_numpy(labels).long()
+
+    def run_torch():
+        loss = torch.nn.functional.cross_entropy(reference(x_torch).logits, y_torch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    ours, theirs = _rate(run_jax, batch, seconds), _rate(run_torch, batch, seconds)
+    return {"model": name, "jaxmed": round(ours, 2), "reference": round(theirs, 2), "unit": "img/s",
+            "ratio": round(ours / theirs, 3), "mfu": round(flops * ours / batch / peak, 3) if flops else None,
+            "reference_mfu": round(flops * theirs / batch / peak, 3) if flops else None,
+            "step_gflop": round(flops / 1e9, 1), "gemm_peak_gflops": round(peak / 1e9, 1), "batch": batch,
+            "image_size": 224, "dtype": "float32", "torch_threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    choices = [name for name in _configs() if name != "efficientnet-b0"] + ["efficientnet-b0"]
+    parser.add_argument("--models", nargs="+", default=["vit-b16", "resnet50", "cvt13"], choices=choices)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per framework and model")
+    args = parser.parse_args(argv)
+    peak = gemm_peak()
+    for name in args.models:
+        print(json.dumps(bench(name, args.batch, args.seconds, peak)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
