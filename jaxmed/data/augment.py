@@ -167,7 +167,7 @@ def adjust_intensity(image: np.ndarray, brightness: float, contrast: float, cont
 
 def eval_box(preprocessor: Preprocessor, height: int, width: int) -> tuple[float, float, float, float]:
     """The region of an original (height, width) image that the HF processor's resize + centre crop keeps."""
-    resized_height, resized_width = (preprocessor._resize_size(height, width) if preprocessor.do_resize
+    resized_height, resized_width = (preprocessor.resize_size(height, width) if preprocessor.do_resize
                                      else (height, width))
     crop_height, crop_width = preprocessor.output_size(height, width)
     top, left = (resized_height - crop_height) // 2, (resized_width - crop_width) // 2

@@ -68,20 +68,20 @@ class Preprocessor:
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) of `geometry`'s output for an input of the given size."""
-        h, w = self._resize_size(height, width) if self.do_resize else (height, width)
-        if self._crop is not None:
-            h, w = self._crop
+        h, w = self.resize_size(height, width) if self.do_resize else (height, width)
+        if self.crop is not None:
+            h, w = self.crop
         return h, w
 
     @property
-    def _crop(self) -> tuple[int, int] | None:
+    def crop(self) -> tuple[int, int] | None:
         if self.processor_type == "ConvNextImageProcessor" and self.do_resize and self.size["shortest_edge"] < 384:
             return self.size["shortest_edge"], self.size["shortest_edge"]
         if self.do_center_crop and self.crop_size:
             return self.crop_size["height"], self.crop_size["width"]
         return None
 
-    def _resize_size(self, height: int, width: int) -> tuple[int, int]:
+    def resize_size(self, height: int, width: int) -> tuple[int, int]:
         size = self.size
         if self.processor_type == "ConvNextImageProcessor":
             edge = size["shortest_edge"]
@@ -98,11 +98,11 @@ class Preprocessor:
         if pil.mode != "RGB":
             pil = pil.convert("RGB")
         if self.do_resize:
-            h, w = self._resize_size(pil.height, pil.width)
+            h, w = self.resize_size(pil.height, pil.width)
             pil = pil.resize((w, h), resample=Image.Resampling(self.resample))
         array = np.asarray(pil)
-        if self._crop is not None:
-            array = center_crop(array, *self._crop)
+        if self.crop is not None:
+            array = center_crop(array, *self.crop)
         return array
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
