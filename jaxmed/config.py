@@ -17,7 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data = data.default_config()
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = "vit"  # a key of jaxmed.models.MODELS: vit, resnet, cvt, efficientnet
+    config.model.name = "vit"  # a key of jaxmed.models.MODELS: vit, resnet, cvt, efficientnet, jaxmed_sae
     config.model.init_from = ""  # HF hub id or local HF directory; empty: random init from model.hf_config
     config.model.hf_config = ml_collections.ConfigDict()  # transformers config kwargs for a from-scratch model
     config.model.preprocessor = ml_collections.ConfigDict()  # overrides of the preprocessor_config.json keys
@@ -28,7 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.steps = 0  # > 0: train this many steps instead of train.epochs (single phase)
     config.train.batch_size = 16  # global, over all hosts and devices
     config.train.eval_batch_size = 64
-    config.train.phases = ()  # list of {name, epochs, lr, trainable}; empty: one phase (train.epochs, optim.lr)
+    config.train.phases = ()  # list of {name, epochs, lr, trainable, objective, layer}; empty: one phase
+    #                           (train.epochs, optim.lr). objective "reconstruction" + layer: greedy pretraining
     config.train.eval_every_steps = 0  # 0: every epoch
     config.train.log_every_steps = 10
     config.train.best_metric = "accuracy"  # a validation metric; the best checkpoints are kept by it

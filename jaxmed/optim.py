@@ -27,16 +27,37 @@ class Phase:
     epochs: float
     lr: float
     trainable: tuple[str, ...] = ()  # regexes searched in parameter paths; empty = every parameter trains
+    objective: str = "classification"  # or "reconstruction": the model's reconstruction_loss(pixels, layer)
+    layer: int | None = None  # the layer a reconstruction phase pretrains (greedy layer-wise, e.g. the SAE)
+
+
+OBJECTIVES = ("classification", "reconstruction")
+_PHASE_KEYS = ("name", "epochs", "lr", "trainable", "objective", "layer")
 
 
 def phases(config) -> list[Phase]:
-    """`train.phases` (a list of {name, epochs, lr, trainable}), or one phase from train.epochs and optim.lr."""
+    """`train.phases` (a list of {name, epochs, lr, trainable, objective, layer}), or one phase from train.epochs
+    and optim.lr."""
     listed = list(config.train.get("phases", None) or ())
     if not listed:
         return [Phase("train", float(config.train.epochs), float(config.optim.lr),
                       tuple(config.optim.get("trainable", ()) or ()))]
-    return [Phase(p.get("name", f"phase{i + 1}"), float(p["epochs"]), float(p["lr"]), tuple(p.get("trainable", ())))
-            for i, p in enumerate(listed)]
+    return [_phase(i, p) for i, p in enumerate(listed)]
+
+
+def _phase(index: int, entry) -> Phase:
+    name = entry.get("name", f"phase{index + 1}")
+    where = f"train.phases[{index}] ({name})"
+    unknown = sorted(set(entry.keys()) - set(_PHASE_KEYS))
+    if unknown:
+        raise JaxmedError(f"{where}: unknown key(s) {unknown}; a phase has {', '.join(_PHASE_KEYS)}")
+    objective, layer = entry.get("objective", "classification"), entry.get("layer", None)
+    if objective not in OBJECTIVES:
+        raise JaxmedError(f"{where}: objective={objective!r}; choose {' or '.join(OBJECTIVES)}")
+    if objective == "reconstruction" and layer is None:
+        raise JaxmedError(f"{where}: a reconstruction phase needs `layer`, the index of the layer it pretrains")
+    return Phase(name, float(entry["epochs"]), float(entry["lr"]), tuple(entry.get("trainable", ())), objective,
+                 None if layer is None else int(layer))
 
 
 def dotted(key_path) -> str:

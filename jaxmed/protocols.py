@@ -75,3 +75,15 @@ def linear_probe(config, epochs: float = 20):
     config.train.epochs = epochs
     config.train.best_metric = "balanced_accuracy"
     return config
+
+
+def greedy_layerwise(config, layers: int, *, epochs: float = 10, lr: float = 1e-3, classifier_epochs: float = 20,
+                     classifier_lr: float = 1e-3):
+    """The stacked autoencoder's training: encoder k pretrained alone to reconstruct its input (encoders.k and
+    decoders.k train, everything else frozen), one phase per layer, then a linear classifier on frozen encoders."""
+    config.train.phases = [
+        *(dict(name=f"autoencoder{k}", epochs=epochs, lr=lr, objective="reconstruction", layer=k,
+               trainable=(rf"^encoders\.{k}\.", rf"^decoders\.{k}\.")) for k in range(layers)),
+        dict(name="classifier", epochs=classifier_epochs, lr=classifier_lr, trainable=(r"^classifier\.",)),
+    ]
+    return config

@@ -118,6 +118,8 @@ def setup(config, workdir: Path) -> Run:
         raise JaxmedError(f"train.batch_size={config.train.batch_size} must be divisible by the {mesh.size} devices")
     dtype = jnp.dtype(config.model.dtype)
     abstract = nnx.eval_shape(lambda: build_model(spec, dtype, config.seed))
+    plan = optim.phases(config)
+    _check_reconstruction_phases(plan, abstract, spec.hf_config.model_type)
     layernorms = optim.layernorm_paths(abstract)
     abstract.eval()
     graph_eval, *_ = _split(abstract)
@@ -126,7 +128,6 @@ def setup(config, workdir: Path) -> Run:
     shardings = {"params": jmesh.tree_shardings(mesh, params), "stats": jmesh.tree_shardings(mesh, stats)}
     train_split = dataset.splits["train"]
     steps_per_epoch = jdata.steps_per_epoch(train_split, config.train.batch_size)
-    plan = optim.phases(config)
     if config.train.steps:
         plan = [dataclasses.replace(plan[0], epochs=config.train.steps / steps_per_epoch)]
     ends, total = [], 0
@@ -137,6 +138,20 @@ def setup(config, workdir: Path) -> Run:
                    out_shardings=jmesh.replicated(mesh))()
     return Run(config, workdir, spec, dataset, preprocessor, mesh, graph_train, graph_eval, rest, shardings,
                {"params": params, "stats": stats}, layernorms, steps_per_epoch, plan, ends)
+
+
+def _check_reconstruction_phases(plan, model, model_type: str) -> None:
+    """Before any training: a bad layer would otherwise surface only when its phase starts, maybe hours in."""
+    layers = getattr(model, "reconstruction_layers", 0)  # models with a reconstruction_loss(pixels, layer)
+    for phase in plan:
+        if phase.objective != "reconstruction":
+            continue
+        if not layers:
+            raise JaxmedError(f"phase {phase.name} has objective 'reconstruction' but a {model_type} model has no "
+                              "reconstruction loss; only the stacked autoencoder (model.name='jaxmed_sae') has one")
+        if not 0 <= phase.layer < layers:
+            raise JaxmedError(f"phase {phase.name} pretrains layer {phase.layer}, but the {model_type} model has "
+                              f"layers 0..{layers - 1}")
 
 
 def phase_index(run: Run, step: int) -> int:
@@ -220,8 +235,13 @@ def reseeded(rest, key):
     return jax.tree.unflatten(treedef, leaves)
 
 
-def step_function(graph, rest, tx, normalize, *, seed: int, label_smoothing: float = 0.0, class_weights=None):
-    """The pure train step {params, stats, opt, step}, batch → (state, metrics); jit it with shardings."""
+def step_function(graph, rest, tx, normalize, *, seed: int, label_smoothing: float = 0.0, class_weights=None,
+                  objective: str = "classification", layer: int | None = None):
+    """The pure train step {params, stats, opt, step}, batch → (state, metrics); jit it with shardings.
+
+    objective "reconstruction" minimises `model.reconstruction_loss(pixels, layer)` (greedy layer-wise
+    pretraining) instead of the cross-entropy, and reports no accuracy.
+    """
     base_key = jax.random.key(seed)
 
     def train_step(state, batch):
@@ -230,25 +250,29 @@ def step_function(graph, rest, tx, normalize, *, seed: int, label_smoothing: flo
         def loss_fn(params, stats, step_rest):
             # copy=True: fresh Variables of this trace, so dropout counters and BatchNorm statistics may update
             model = nnx.merge(graph, params, stats, step_rest, copy=True)
-            logits = model(normalize(batch["image"]))
+            pixels = normalize(batch["image"])
+            if objective == "reconstruction":
+                return model.reconstruction_loss(pixels, layer), ({}, nnx.state(model, nnx.BatchStat))
+            logits = model(pixels)
             loss = cross_entropy(logits, batch["label"], smoothing=label_smoothing, class_weights=class_weights)
-            return loss, (logits, nnx.state(model, nnx.BatchStat))
+            accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+            return loss, ({"accuracy": accuracy}, nnx.state(model, nnx.BatchStat))
 
-        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (extra, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["stats"], step_rest)
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-                   "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, **extra, "grad_norm": optax.global_norm(grads)}
         return {"params": params, "stats": stats, "opt": opt, "step": state["step"] + 1}, metrics
 
     return train_step
 
 
-def make_train_step(run: Run, tx, class_weights):
+def make_train_step(run: Run, tx, class_weights, phase: optim.Phase):
     train_step = step_function(run.graph_train, run.rest, tx,
                                lambda images: jdata.model_inputs(images, run.preprocessor), seed=run.config.seed,
-                               label_smoothing=run.config.train.label_smoothing, class_weights=class_weights)
+                               label_smoothing=run.config.train.label_smoothing, class_weights=class_weights,
+                               objective=phase.objective, layer=phase.layer)
     state_shardings = {"params": run.shardings["params"], "stats": run.shardings["stats"],
                        "opt": jmesh.tree_shardings(run.mesh, jax.eval_shape(tx.init, run.abstract["params"])),
                        "step": jmesh.replicated(run.mesh)}
@@ -348,7 +372,9 @@ def train_and_evaluate(config, workdir) -> dict:
             "config": json.loads(config.to_json_best_effort())}
     start = checkpoints.latest_step()
     if start is not None:
-        phase = phase_index(run, start)
+        # the phase that wrote the checkpoint: one saved at a phase's last step holds that phase's optimizer state
+        # (the loop then starts the next phase's fresh optimizer)
+        phase = phase_index(run, max(start - 1, 0))
         state, _ = checkpoints.restore_latest(start, abstract_state(run, phase), iterator)
         log.info("resuming from step %d (%s/checkpoints/%d)", start, workdir, start)
     else:
@@ -357,7 +383,7 @@ def train_and_evaluate(config, workdir) -> dict:
     total = run.phase_steps[-1]
     writer = MetricsWriter(workdir)
     tx, lr = optimizer(run, phase, state["params"])
-    train_step = make_train_step(run, tx, class_weights)
+    train_step = make_train_step(run, tx, class_weights, run.phases[phase])
     eval_step = make_eval_step(run)
     eval_every = tc.eval_every_steps or run.steps_per_epoch
     best, stale, history = None, 0, []
@@ -367,11 +393,14 @@ def train_and_evaluate(config, workdir) -> dict:
     with _Preemption() as preemption:
         while step < total:
             if phase_index(run, step) != phase:  # a new phase starts a fresh optimizer, as a new HF Trainer
+                if pending:  # log the last phase's steps under its own objective and learning rate
+                    _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, state, iterator, meta)
+                    started, pending = time.perf_counter(), []
                 phase = phase_index(run, step)
                 log.info("phase %s from step %d", run.phases[phase].name, step)
                 state = _with_optimizer(run, phase, state["params"], state["stats"], step)
                 tx, lr = optimizer(run, phase, state["params"])
-                train_step = make_train_step(run, tx, class_weights)
+                train_step = make_train_step(run, tx, class_weights, run.phases[phase])
             batch = next(iterator)
             batch = jmesh.global_batch({"image": batch["image"], "label": batch["label"]}, sharding)
             state, metrics = train_step(state, batch)
@@ -385,12 +414,14 @@ def train_and_evaluate(config, workdir) -> dict:
                 metrics = validation_metrics(val_split.labels[indices], logits, run.dataset.class_names)
                 writer.write(step, {f"val/{k}": v for k, v in metrics.items()})
                 history.append({"step": step, **metrics})
-                checkpoints.save_best(step, {"params": state["params"], "stats": state["stats"]},
-                                      dict(meta, step=step, val=metrics), metrics)
-                value = metrics[tc.best_metric] * (1 if tc.best_mode == "max" else -1)
-                best, stale = (value, 0) if best is None or value > best else (best, stale + 1)
                 bar.write(f"step {step}: val " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                                          if not k.startswith("recall/")))
+                # in a reconstruction (pretraining) phase the head is untrained: its metrics choose no checkpoint
+                if run.phases[phase].objective == "classification":
+                    checkpoints.save_best(step, {"params": state["params"], "stats": state["stats"]},
+                                          dict(meta, step=step, val=metrics), metrics)
+                    value = metrics[tc.best_metric] * (1 if tc.best_mode == "max" else -1)
+                    best, stale = (value, 0) if best is None or value > best else (best, stale + 1)
                 if tc.early_stopping_patience and stale >= tc.early_stopping_patience:
                     log.info("early stopping at step %d: no better %s for %d evaluations", step, tc.best_metric,
                              stale)
@@ -429,9 +460,13 @@ def _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, sta
     images_per_second = len(values) * run.config.train.batch_size / max(time.perf_counter() - started, 1e-9)
     current_lr = float(lr(max(0, (step - (run.phase_steps[phase - 1] if phase else 0)) //
                               run.config.train.grad_accumulation - 1)))
-    summary = {"train/loss": float(losses.mean()), "train/accuracy": float(np.mean([v["accuracy"] for v in values])),
-               "train/grad_norm": float(np.mean([v["grad_norm"] for v in values])), "train/lr": current_lr,
-               "train/images_per_second": images_per_second, "train/epoch": step / run.steps_per_epoch}
+    # a reconstruction phase's loss is an MSE: its own curve, not a stretch of the cross-entropy's
+    loss_name = "train/loss" if run.phases[phase].objective == "classification" else "train/reconstruction_loss"
+    summary = {loss_name: float(losses.mean()), "train/grad_norm": float(np.mean([v["grad_norm"] for v in values])),
+               "train/lr": current_lr, "train/images_per_second": images_per_second,
+               "train/epoch": step / run.steps_per_epoch}
+    if "accuracy" in values[0]:
+        summary["train/accuracy"] = float(np.mean([v["accuracy"] for v in values]))
     writer.write(step, summary)
     bar.update(len(values))
-    bar.set_postfix(loss=f"{summary['train/loss']:.4f}", lr=f"{current_lr:.2e}", img_s=f"{images_per_second:.1f}")
+    bar.set_postfix(loss=f"{summary[loss_name]:.4f}", lr=f"{current_lr:.2e}", img_s=f"{images_per_second:.1f}")

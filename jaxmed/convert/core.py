@@ -60,7 +60,7 @@ class Table:
     """Where one architecture's paths depart from the generic rules."""
 
     hf_class: str  # transformers class written into config.json "architectures"
-    base_prefix: str  # HF base_model_prefix: a headless checkpoint (e.g. ViTModel) has keys without it
+    base_prefix: str  # HF base_model_prefix: a headless checkpoint (e.g. ViTModel) has keys without it; "" = none
     renames: tuple[tuple[str, str], ...] = ()  # (our path prefix, HF key prefix)
     head: tuple[str, ...] = ("classifier",)  # our path prefixes re-initialised when num_labels changes
     ignore_hf: tuple[str, ...] = ()  # regexes of HF keys we knowingly do not model (e.g. an unused pooler)
@@ -90,7 +90,7 @@ class LoadReport:
 def add_base_prefix(tensors: Mapping[str, np.ndarray], table: Table) -> dict[str, np.ndarray]:
     """A checkpoint of the bare backbone (e.g. `ViTModel`, `google/vit-base-patch16-224-in21k`) lacks the prefix."""
     prefix = table.base_prefix + "."
-    if any(k.startswith(prefix) for k in tensors):
+    if not table.base_prefix or any(k.startswith(prefix) for k in tensors):
         return dict(tensors)
     return {prefix + k: v for k, v in tensors.items()}
 

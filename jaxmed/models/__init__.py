@@ -1,17 +1,23 @@
 """jaxmed's models: Flax NNX modules whose attribute names mirror the HF PyTorch checkpoints."""
 
-from transformers import ResNetConfig, ViTConfig
+from transformers import CvtConfig, EfficientNetConfig, ResNetConfig, ViTConfig
 
+from jaxmed.models.cvt import CvT
+from jaxmed.models.efficientnet import EfficientNet
 from jaxmed.models.resnet import ResNet
+from jaxmed.models.sae import SAE, SAEConfig
 from jaxmed.models.vit import ViT
 
 # HF config.json `model_type` → (transformers config class, our module). An explicit dict, not a registry.
 MODELS = {
     "vit": (ViTConfig, ViT),
     "resnet": (ResNetConfig, ResNet),
+    "cvt": (CvtConfig, CvT),
+    "efficientnet": (EfficientNetConfig, EfficientNet),
+    "jaxmed_sae": (SAEConfig, SAE),  # ours: no transformers class (see jaxmed/models/sae.py for the format)
 }
 
 # The public conversion API lives with the tables; re-exported here because users think of it as the models'.
 from jaxmed.convert.hub import from_pretrained, save_pretrained  # noqa: E402
 
-__all__ = ["MODELS", "ResNet", "ViT", "from_pretrained", "save_pretrained"]
+__all__ = ["MODELS", "CvT", "EfficientNet", "ResNet", "SAE", "SAEConfig", "ViT", "from_pretrained", "save_pretrained"]
