@@ -33,7 +33,7 @@ def _configs():
         "cvt13": (transformers.CvtForImageClassification, transformers.CvtConfig()),
         "efficientnet-b0": (transformers.EfficientNetForImageClassification,
                             transformers.EfficientNetConfig(width_coefficient=1.0, depth_coefficient=1.0,
-                                                            image_size=224, dropout_rate=0.2)),
+                                                            image_size=224, dropout_rate=0.2, hidden_dim=1280)),
     }
 
 

@@ -208,3 +208,12 @@ def test_bf16_compute_keeps_fp32_weights(tmp_path, cache_dir):
     train.train_and_evaluate(config, tmp_path / "run")
     assert all(np.isfinite(v) for v in _losses(tmp_path / "run").values())
     assert all(v.dtype == np.float32 for v in _checkpoint_params(tmp_path / "run", 3).values())
+
+
+def test_early_stopping_ends_the_run_after_patience_evaluations(tmp_path, cache_dir):
+    """lr 0: validation never improves after the first evaluation, so patience 2 stops at the third."""
+    config = _config(cache_dir, train__steps=40, train__eval_every_steps=2, train__early_stopping_patience=2,
+                     optim__lr=0.0)
+    result = train.train_and_evaluate(config, tmp_path / "run")
+    assert result["steps"] == 6 and [h["step"] for h in result["history"]] == [2, 4, 6]
+    assert (tmp_path / "run/checkpoints/6").exists()  # the stopping point is saved

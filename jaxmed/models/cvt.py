@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from transformers import CvtConfig
 
-from jaxmed.models.layers import BatchNorm, Static, activation
+from jaxmed.models.layers import BatchNorm, DepthwiseConv, Static, activation
 
 # nn.LayerNorm's default: HF's CvT never passes config.layer_norm_eps to its LayerNorms.
 LAYER_NORM_EPS = 1e-5
@@ -114,9 +114,8 @@ class ConvProjection(nnx.Module):
     """Depthwise conv (no bias) + BatchNorm: CvT's "dw_bn" q/k/v projection."""
 
     def __init__(self, dim, kernel, padding, stride, dtype, rngs, config):
-        self.convolution = nnx.Conv(dim, dim, (kernel, kernel), strides=stride, padding=_pad(padding),
-                                    feature_group_count=dim, use_bias=False, kernel_init=_init(config),
-                                    dtype=dtype, rngs=rngs)
+        self.convolution = DepthwiseConv(dim, kernel, strides=stride, padding=_pad(padding),
+                                         kernel_init=_init(config), dtype=dtype, rngs=rngs)
         self.normalization = BatchNorm(dim, dtype=dtype)
 
     def __call__(self, grid):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import EfficientNetConfig
 
-from jaxmed.models.layers import BatchNorm, Static, activation
+from jaxmed.models.layers import BatchNorm, DepthwiseConv, Static, activation
 
 
 class Output(NamedTuple):
@@ -55,8 +55,8 @@ def _stride2_padding(kernel: int, adjust: bool):
     return ((half - 1, half),) * 2 if adjust else ((half, half),) * 2
 
 
-def _conv(cin, cout, kernel=1, *, strides=1, padding="VALID", groups=1, use_bias=False, dtype, rngs):
-    return nnx.Conv(cin, cout, (kernel, kernel), strides=strides, padding=padding, feature_group_count=groups,
+def _conv(cin, cout, kernel=1, *, strides=1, padding="VALID", use_bias=False, dtype, rngs):
+    return nnx.Conv(cin, cout, (kernel, kernel), strides=strides, padding=padding,
                     use_bias=use_bias, kernel_init=_conv_init, dtype=dtype, rngs=rngs)
 
 
@@ -94,8 +94,8 @@ class DepthwiseLayer(nnx.Module):
         if stride not in (1, 2):
             raise ValueError(f"EfficientNetConfig.strides: stride {stride} is not supported (HF builds 1 and 2 only)")
         padding = _same_padding(kernel) if stride == 1 else _stride2_padding(kernel, adjust_padding)
-        self.depthwise_conv = _conv(dim, dim, kernel, strides=stride, padding=padding, groups=dim, dtype=dtype,
-                                    rngs=rngs)
+        self.depthwise_conv = DepthwiseConv(dim, kernel, strides=stride, padding=padding, kernel_init=_conv_init,
+                                            dtype=dtype, rngs=rngs)
         self.depthwise_norm = _batchnorm(config, dim, dtype)
         self.depthwise_act = activation(config.hidden_act)
 
