@@ -24,8 +24,9 @@ $(VENV)/.installed-tfds: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
+# The main job on built-in synthetic MRI phantoms: trains, evaluates, writes runs/demo/eval/test/.
 demo: install
-	$(PY) -m jaxmed.demo --workdir runs/demo
+	$(PY) -m jaxmed.main --config configs/demo.py --workdir runs/demo
 
 test: install $(VENV)/.installed-tfds
 	$(PY) -m pytest -n 2 --timeout=900 tests

@@ -4,6 +4,7 @@
 the directory — jaxmed.models.from_pretrained / save_pretrained round-trip it.
 """
 
+from jaxmed.convert import vit
 from jaxmed.convert.core import Table
 
 TABLE = Table(
@@ -12,14 +13,4 @@ TABLE = Table(
 )
 
 # ViTImageProcessor-style: resize to image_size² (64 by default; configs override "size" with the model's side)
-PREPROCESSOR = {
-    "image_processor_type": "ViTImageProcessor",
-    "do_resize": True,
-    "size": {"height": 64, "width": 64},
-    "resample": 2,
-    "do_rescale": True,
-    "rescale_factor": 1 / 255,
-    "do_normalize": True,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-}
+PREPROCESSOR = dict(vit.PREPROCESSOR, size={"height": 64, "width": 64})
