@@ -347,7 +347,7 @@ class _Preemption:
 
 def train_and_evaluate(config, workdir) -> dict:
     """Train (resuming from W/checkpoints when present), keep the best by validation, evaluate it on test."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()  # orbax refuses relative checkpoint paths
     workdir.mkdir(parents=True, exist_ok=True)
     run = setup(config, workdir)
     tc = config.train

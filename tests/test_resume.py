@@ -28,8 +28,8 @@ def _env(devices=8, **extra):
     return env
 
 
-def _run(workdir, cache, *overrides, devices=8):
-    done = subprocess.run(_command(workdir, cache, *overrides), env=_env(devices), cwd=ROOT, capture_output=True,
+def _run(workdir, cache, *overrides, devices=8, cwd=ROOT):
+    done = subprocess.run(_command(workdir, cache, *overrides), env=_env(devices), cwd=cwd, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -75,9 +75,9 @@ def _wait_for_step(workdir, process, step, timeout=300):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    _run(workdir, cache, "--config.train.steps=12")
-    return cache, workdir
+    parent = tmp_path_factory.mktemp("uninterrupted")
+    _run("run", cache, "--config.train.steps=12", cwd=parent)  # a relative workdir, as users type it
+    return cache, parent / "run"
 
 
 def test_sigterm_saves_exits_zero_and_resumes_bit_exactly(tmp_path, uninterrupted):
