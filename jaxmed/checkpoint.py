@@ -4,17 +4,30 @@
 from __future__ import annotations
 
 import logging
+import os
+
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
+
+from jaxmed.errors import JaxmedError
 
 log = logging.getLogger("jaxmed.checkpoint")
+
+
+def workdir_path(workdir) -> epath.Path:
+    """A local directory (made absolute: orbax refuses relative paths) or a gs://… URL, as an epath."""
+    text = str(workdir)
+    return epath.Path(text) if "://" in text else epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
 class Checkpoints:
     def __init__(self, workdir, *, keep_best: int = 1, best_metric: str = "accuracy", best_mode: str = "max",
                  keep_latest: int = 2, async_saves: bool = True):
-        root = epath.Path(workdir)
+        root = self.root = workdir_path(workdir)
         self.best_metric = best_metric
         self.latest = ocp.CheckpointManager(
             root / "checkpoints",
@@ -68,6 +81,38 @@ class Checkpoints:
     def restore_weights(self, step: int, abstract_weights):
         return self.best.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_weights)))["state"]
+
+    def select(self, which: str = "best") -> tuple[ocp.CheckpointManager, int, str]:
+        """`best` (falls back to the latest when nothing was validated), `latest`, or a step number of either."""
+        best, latest = self.best.best_step(), self.latest.latest_step()
+        if which == "best" and best is not None:
+            return self.best, best, f"best/{best}"
+        if which in ("best", "latest") and latest is not None:
+            if which == "best":
+                log.warning("no best checkpoint (no validation ran): using the latest, step %d", latest)
+            return self.latest, latest, f"checkpoints/{latest}"
+        if str(which).isdigit():
+            for manager, folder in ((self.best, "best"), (self.latest, "checkpoints")):
+                if int(which) in manager.all_steps():
+                    return manager, int(which), f"{folder}/{which}"
+        raise JaxmedError(f"no checkpoint {which!r} in {self.root}: best steps {list(self.best.all_steps())}, "
+                          f"latest steps {list(self.latest.all_steps())} — has this workdir been trained?")
+
+    def restore_flat_weights(self, which: str = "best") -> tuple[dict[str, np.ndarray], dict, str]:
+        """({dotted model path: array}, meta, source) of a checkpoint's parameters and batch statistics, read on
+        this host alone from the checkpoint's own metadata — no model, optimizer or device layout needed."""
+        manager, step, source = self.select(which)
+        on_host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_host),
+                              manager.item_metadata(step)["state"])
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                 meta=ocp.args.JsonRestore()))
+        flat = {}
+        for group in ("params", "stats"):
+            for key, value in traverse_util.flatten_dict(dict(restored["state"][group])).items():
+                key = key[:-1] if key[-1] == "value" else key  # nnx Variables are saved as {…, "value": array}
+                flat[".".join(map(str, key))] = np.asarray(value)
+        return flat, restored["meta"], source
 
     def reached_preemption(self, step: int) -> bool:
         return self.latest.reached_preemption(step)

@@ -57,6 +57,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.clip_norm = 1.0  # HF Trainer's max_grad_norm; 0 disables
     config.optim.trainable = ()  # regexes of trainable parameter paths for a single-phase run; empty: all
 
+    config.eval = ml_collections.ConfigDict()  # python -m jaxmed.evaluate, and the end of training
+    config.eval.positive_class = ""  # a class name: choose on val the threshold reaching target_recall for it
+    config.eval.target_recall = 0.99
+    config.eval.bootstrap = 1000  # resamples for the 95% confidence intervals; 0 disables
+    config.eval.seed = 0
+    config.eval.grid_images = 16  # predictions_grid.png
+    config.eval.explain_per_class = 2  # images per class in attention_rollout.png / gradcam.png; 0 disables
+
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: all devices not used by fsdp
     config.mesh.fsdp = 1

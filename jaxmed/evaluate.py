@@ -1,103 +1,251 @@
-"""Checkpoint → predictions → metrics → W/eval/<split>/report.json, report.md and figures."""
+"""A checkpoint on a split → W/eval/<split>/: report.json, report.md, predictions.csv and figures.
+
+    python -m jaxmed.evaluate --workdir W [--split test|val] [--checkpoint best|latest|STEP]
+
+Also run at the end of training. Metrics come with bootstrap confidence intervals, and — when `eval.positive_class`
+is set — an operating point: the threshold chosen on val to reach `eval.target_recall` for that class, then
+applied to the evaluated split (the clinical question "at what threshold do we miss almost no pneumonia?").
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
-from pathlib import Path
+import sys
 
 import jax
 import numpy as np
 
+from jaxmed import figures, metrics
+from jaxmed.errors import JaxmedError
+
 log = logging.getLogger("jaxmed.evaluate")
 
 
-def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
-    """The reference notebooks' numbers, from scikit-learn."""
-    from sklearn import metrics
+def load_config(workdir):
+    """The run's resolved config (W/config.json) over today's defaults, so older runs gain new keys."""
+    import ml_collections
 
-    predictions = probabilities.argmax(-1)
-    ids = list(range(len(class_names)))
-    precision, recall, f1, support = metrics.precision_recall_fscore_support(labels, predictions, labels=ids,
-                                                                             zero_division=0)
-    report = {
-        "num_examples": int(len(labels)),
-        "accuracy": float(metrics.accuracy_score(labels, predictions)),
-        "balanced_accuracy": float(metrics.balanced_accuracy_score(labels, predictions)),
-        "cohen_kappa": float(metrics.cohen_kappa_score(labels, predictions, labels=ids)),
-        "class_names": list(class_names),
-        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                             "support": int(support[i])} for i, name in enumerate(class_names)},
-        "confusion_matrix": metrics.confusion_matrix(labels, predictions, labels=ids).tolist(),
-    }
-    for average in ("macro", "weighted"):
-        p, r, f, _ = metrics.precision_recall_fscore_support(labels, predictions, labels=ids, average=average,
-                                                             zero_division=0)
-        report[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
-    return report
+    from jaxmed.config import base_config
+
+    path = workdir / "config.json"
+    if not path.exists():
+        raise JaxmedError(f"no config.json in {workdir}: is this a jaxmed run directory (--workdir of jaxmed.main)?")
+    config = base_config()
+    _merge(config, json.loads(path.read_text()))
+    return config
 
 
-def plot_confusion_matrix(matrix, class_names: list[str], path: Path) -> None:
-    """Counts and row-normalised (recall per true class), class names on both axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    matrix = np.asarray(matrix)
-    normalised = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
-    size = max(4.0, 0.8 * len(class_names) + 2)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
-    for ax, values, title, fmt in ((axes[0], matrix, "counts", "d"), (axes[1], normalised, "row-normalised", ".2f")):
-        ax.imshow(values, cmap="Blues", vmin=0)
-        ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)), xlabel="predicted", ylabel="true",
-               title=title)
-        ax.set_xticklabels(class_names, rotation=45, ha="right")
-        ax.set_yticklabels(class_names)
-        threshold = values.max() / 2 if values.size else 0
-        for i in range(values.shape[0]):
-            for j in range(values.shape[1]):
-                ax.text(j, i, format(values[i, j], fmt), ha="center", va="center",
-                        color="white" if values[i, j] > threshold else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _merge(node, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and key in node and hasattr(node[key], "keys") and key != "hf_config":
+            _merge(node[key], value)
+        else:
+            node[key] = value
 
 
-def write_report(out_dir: Path, report: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# {report.get('split', 'evaluation')} — {report['num_examples']} images", "",
-             f"- accuracy: {report['accuracy']:.4f}", f"- balanced accuracy: {report['balanced_accuracy']:.4f}",
-             f"- Cohen's κ: {report['cohen_kappa']:.4f}", "", "| class | precision | recall | F1 | support |",
-             "|---|---|---|---|---|"]
-    for name, row in report["per_class"].items():
-        lines.append(f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |")
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    plot_confusion_matrix(report["confusion_matrix"], report["class_names"], out_dir / "confusion_matrix.png")
+def placed_weights(run, flat: dict) -> tuple:
+    """{dotted path: array} → the run's (params, stats) states, each leaf on its shards."""
+    from jaxmed import optim
+
+    def state(name):
+        tree = jax.tree_util.tree_map_with_path(lambda path, _: flat[optim.dotted(path)], run.abstract[name])
+        return jax.device_put(tree, run.shardings[name])
+
+    return state("params"), state("stats")
 
 
-def evaluate_run(run, checkpoints, eval_step, split_name: str) -> dict:
-    """Best checkpoint (by validation) on a split of the run's dataset → report; latest weights if no best."""
+def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "best") -> dict:
+    """Predict `split_name` with a checkpoint (the best by validation unless told) and write everything."""
     from jaxmed import train
 
-    step = checkpoints.best_step()
-    if step is not None:
-        abstract = train.abstract_state(run, 0)
-        weights = checkpoints.restore_weights(step, {"params": abstract["params"], "stats": abstract["stats"]})
-        source = f"best/{step}"
-    else:
-        step = checkpoints.latest_step()
-        phase = train.phase_index(run, max(step - 1, 0))
-        weights = checkpoints.restore_state(step, train.abstract_state(run, phase))
-        source = f"checkpoints/{step}"
+    if split_name not in run.dataset.splits:
+        raise JaxmedError(f"no {split_name!r} split in this dataset; it has {', '.join(run.dataset.splits)}")
+    flat, _, source = checkpoints.restore_flat_weights(which)
+    params, stats = placed_weights(run, flat)
+    names, ec = run.dataset.class_names, run.config.eval
+
+    def probabilities(split):
+        indices, logits = train.predict(run, eval_step, params, stats, split)
+        return indices, np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+
     split = run.dataset.splits[split_name]
-    indices, logits = train.predict(run, eval_step, weights["params"], weights["stats"], split)
-    probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
-    report = classification_metrics(split.labels[indices], probabilities, run.dataset.class_names)
+    indices, probs = probabilities(split)
+    labels = split.labels[indices]
+    report = metrics.classification_metrics(labels, probs, names, bootstrap=ec.bootstrap, seed=ec.seed)
     report.update(split=split_name, checkpoint=source)
+    if ec.positive_class:
+        report["operating_point"] = _operating_point(run, probabilities, labels, probs, split_name)
     if jax.process_index() == 0:
-        write_report(run.workdir / "eval" / split_name, report)
-        log.info("%s: accuracy %.4f (%s) → %s", split_name, report["accuracy"], source,
-                 run.workdir / "eval" / split_name)
+        out = run.workdir / "eval" / split_name
+        write_report(out, report)
+        write_predictions(out / "predictions.csv", [split.ids[i] for i in indices], labels, probs, names)
+        _figures(run, out, split, indices, labels, probs, report["confusion_matrix"])
+        _explanations(run, out, split, indices, labels, params, stats)
+        log.info("%s: accuracy %.4f (%s) → %s", split_name, report["accuracy"], source, out)
     return report
+
+
+def _operating_point(run, probabilities, labels, probs, split_name: str) -> dict:
+    names, ec = run.dataset.class_names, run.config.eval
+    if ec.positive_class not in names:
+        raise JaxmedError(f"eval.positive_class={ec.positive_class!r} is not a class; the classes are {names}")
+    positive = names.index(ec.positive_class)
+    val = run.dataset.splits.get("val")
+    if val is None:
+        raise JaxmedError("an operating point is chosen on val, and this dataset has no val split; set "
+                          "data.val_fraction > 0 or leave eval.positive_class empty")
+    val_indices, val_probs = probabilities(val)
+    threshold = metrics.operating_point(val.labels[val_indices], val_probs, positive, ec.target_recall)
+    return {"positive_class": ec.positive_class, "target_recall": ec.target_recall, "chosen_on": "val",
+            "threshold": threshold,
+            "val": metrics.apply_operating_point(val.labels[val_indices], val_probs, positive, threshold, names),
+            split_name: metrics.apply_operating_point(labels, probs, positive, threshold, names)}
+
+
+def write_report(out, report: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    """report.json for people: the headline numbers with their 95% intervals, per class, the operating point."""
+    ci = report.get("ci95") or {}
+
+    def interval(values):
+        return f" (95% CI {values[0]:.4f}–{values[1]:.4f})" if values else ""
+
+    auc = report["roc_auc"]
+    lines = [f"# {report.get('split', 'evaluation')}: {report['num_examples']} images, checkpoint "
+             f"{report.get('checkpoint', '?')}", "",
+             f"- accuracy: {report['accuracy']:.4f}{interval(ci.get('accuracy'))}",
+             f"- balanced accuracy: {report['balanced_accuracy']:.4f}",
+             f"- Cohen's κ: {_number(report['cohen_kappa'])}",
+             f"- macro F1: {report['macro']['f1']:.4f}{interval(ci.get('f1_macro'))}",
+             f"- ROC AUC (macro, one-vs-rest): {_number(auc['macro'])}"]
+    if "sensitivity" in report:
+        lines.append(f"- sensitivity {_number(report['sensitivity'])}, specificity "
+                     f"{_number(report['specificity'])} (positive: {report['class_names'][1]})")
+    lines += ["", "| class | precision | recall (95% CI) | F1 | ROC AUC | support |", "|---|---|---|---|---|---|"]
+    recall_ci = ci.get("recall") or {}
+    for name, row in report["per_class"].items():
+        lines.append(f"| {name} | {row['precision']:.4f} | {row['recall']:.4f}{interval(recall_ci.get(name))} | "
+                     f"{row['f1']:.4f} | {_number(auc['per_class'].get(name))} | {row['support']} |")
+    for average in ("macro", "weighted"):
+        row = report[average]
+        lines.append(f"| *{average}* | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | | |")
+    point = report.get("operating_point")
+    if point:
+        lines += ["", f"## Operating point for {point['positive_class']}", "",
+                  f"Threshold {point['threshold']:.4f} on P({point['positive_class']}), chosen on val for recall ≥ "
+                  f"{point['target_recall']}:", "", "| split | sensitivity | specificity | precision | flagged |",
+                  "|---|---|---|---|---|"]
+        for split in ("val", report.get("split")):
+            row = point[split]
+            lines.append(f"| {split} | {_number(row['sensitivity'])} | {_number(row['specificity'])} | "
+                         f"{_number(row['precision'])} | {row['flagged']} of {row['num_examples']} |")
+    lines += ["", "Confusion matrix (rows true, columns predicted): see confusion_matrix.png; every prediction is in "
+              "predictions.csv.", ""]
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def write_predictions(path, ids, labels, probabilities, class_names) -> None:
+    """One row per image: id (file or source id), true and predicted class, the probability of each class."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "label", "prediction", *(f"p_{name}" for name in class_names)])
+    for image_id, label, row in zip(ids, labels, probabilities):
+        writer.writerow([image_id, class_names[label], class_names[int(np.argmax(row))],
+                         *(f"{p:.6g}" for p in row)])
+    path.write_text(buffer.getvalue())
+
+
+def _figures(run, out, split, indices, labels, probs, confusion) -> None:
+    names = run.dataset.class_names
+    predictions = probs.argmax(-1)
+    figures.confusion_matrix(np.asarray(confusion), names, out / "confusion_matrix.png")
+    figures.roc_curves(labels, probs, names, out / "roc_curves.png")
+    figures.pr_curves(labels, probs, names, out / "pr_curves.png")
+    if (run.workdir / "metrics.jsonl").exists():
+        figures.training_curves(run.workdir / "metrics.jsonl", out / "training_curves.png")
+    shown = _grid_sample(labels, predictions, run.config.eval.grid_images)
+    figures.predictions_grid(split.images[indices[shown]], labels[shown], predictions[shown], probs[shown], names,
+                             out / "predictions_grid.png", max_images=len(shown))
+
+
+def _grid_sample(labels, predictions, count: int) -> np.ndarray:
+    """Up to half mistakes, the rest correct, spread over the classes; deterministic."""
+    wrong, right = np.flatnonzero(labels != predictions), np.flatnonzero(labels == predictions)
+    take_wrong = wrong[:count // 2]
+    by_class = [right[labels[right] == c] for c in np.unique(labels[right])] if len(right) else []
+    take_right = [group[i] for i in range(count) for group in by_class if i < len(group)][:count - len(take_wrong)]
+    return np.sort(np.concatenate([take_wrong, np.asarray(take_right, int)]).astype(int))
+
+
+def _explanations(run, out, split, indices, labels, params, stats) -> None:
+    """Attention rollout (ViT, CvT) and Grad-CAM (ResNet, EfficientNet, CvT) for a few images per class."""
+    from flax import nnx
+
+    from jaxmed import data as jdata
+    from jaxmed import explain
+    from jaxmed import mesh as jmesh
+
+    per_class = run.config.eval.explain_per_class
+    if not per_class or run.spec.hf_config.model_type not in explain.EXPLAINED:
+        return
+    chosen = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(run.dataset.class_names))])
+    replicate = jax.jit(lambda tree: tree, out_shardings=jmesh.replicated(run.mesh))
+    model = nnx.merge(run.graph_eval, replicate(params), replicate(stats), run.rest)
+    images = np.asarray(split.images[indices[chosen]])
+    explain.explanation_figures(model, images, jdata.model_inputs(images, run.preprocessor), labels[chosen],
+                                run.dataset.class_names, out, per_class=per_class)
+
+
+def evaluate_workdir(workdir, split: str = "test", which: str = "best") -> dict:
+    """The CLI's work: rebuild the run from W/config.json, then `evaluate_run`."""
+    from jaxmed import train
+    from jaxmed.checkpoint import Checkpoints, workdir_path
+
+    workdir = workdir_path(workdir)
+    config = load_config(workdir)
+    run = train.setup(config, workdir)
+    checkpoints = Checkpoints(workdir, keep_best=config.train.keep_best, best_metric=config.train.best_metric,
+                              best_mode=config.train.best_mode, async_saves=False)
+    try:
+        return evaluate_run(run, checkpoints, train.make_eval_step(run), split, which)
+    finally:
+        checkpoints.close()
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jaxmed.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="the run directory given to jaxmed.main")
+    parser.add_argument("--split", default="test", help="test (default) or val")
+    parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "grain"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from jaxmed.main import maybe_initialize_distributed
+
+    try:
+        maybe_initialize_distributed()
+        report = evaluate_workdir(args.workdir, args.split, args.checkpoint)
+    except JaxmedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: report[k] for k in ("split", "checkpoint", "accuracy", "balanced_accuracy")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,35 +3,51 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
+from etils import epath
 from tqdm.auto import tqdm
 
 
 class MetricsWriter:
-    """Process 0 writes; the others keep quiet so a multi-host run has one set of files."""
+    """Process 0 writes; the others keep quiet so a multi-host run has one set of files.
 
-    def __init__(self, workdir):
+    A local metrics.jsonl is appended to; an object store (gs://…) has no append, so there the file is rewritten
+    whole, keeping what an earlier (resumed) run wrote.
+    """
+
+    def __init__(self, workdir, *, append: bool | None = None):
         self.active = jax.process_index() == 0
         if self.active:
             from tensorboardX import SummaryWriter
 
-            self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
-            self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")
+            workdir = epath.Path(workdir)
+            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+            self.path = workdir / "metrics.jsonl"
+            self.remote = "://" in str(workdir) if append is None else not append
+            if self.remote:
+                self.lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+            else:
+                self.jsonl = open(self.path, "a")
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
             return
         for key, value in metrics.items():
             self.tensorboard.add_scalar(key, value, step)
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            self.path.write_text("".join(self.lines))
+        else:
+            self.jsonl.write(line)
+            self.jsonl.flush()
 
     def close(self) -> None:
         if self.active:
             self.tensorboard.close()
-            self.jsonl.close()
+            if not self.remote:
+                self.jsonl.close()
 
 
 def progress_bar(total: int, start: int):

@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx, traverse_util
 
 from jaxmed import data as jdata
 from jaxmed import mesh as jmesh
 from jaxmed import optim
-from jaxmed.checkpoint import Checkpoints
+from jaxmed.checkpoint import Checkpoints, workdir_path
 from jaxmed.convert import TABLES
 from jaxmed.convert import hub
 from jaxmed.errors import JaxmedError
@@ -87,7 +88,7 @@ class Run:
     """Everything the loop needs, built once."""
 
     config: object
-    workdir: Path
+    workdir: epath.Path  # local or gs://
     spec: ModelSpec
     dataset: jdata.Dataset
     preprocessor: jdata.Preprocessor
@@ -107,7 +108,7 @@ def _split(model):
     return nnx.split(model, nnx.Param, nnx.BatchStat, ...)
 
 
-def setup(config, workdir: Path) -> Run:
+def setup(config, workdir) -> Run:
     spec = model_spec(config)
     preprocessor = jdata.Preprocessor.from_config(spec.preprocessor)
     dataset = jdata.load_dataset(config.data, preprocessor)
@@ -347,7 +348,7 @@ class _Preemption:
 
 def train_and_evaluate(config, workdir) -> dict:
     """Train (resuming from W/checkpoints when present), keep the best by validation, evaluate it on test."""
-    workdir = Path(workdir).absolute()  # orbax refuses relative checkpoint paths
+    workdir = workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     run = setup(config, workdir)
     tc = config.train

@@ -176,25 +176,42 @@ def read_preprocessor(path: Path, model_type: str) -> dict:
 
 def build_loaded(model_class, config, tensors: dict[str, np.ndarray], *, dtype=None, seed: int = 0,
                  allow_head_mismatch: bool = False):
-    """The model with the checkpoint's weights, never randomly initialising what the checkpoint provides: eager
+    """The model with an HF checkpoint's weights, never randomly initialising what the checkpoint provides: eager
     init compiles one RNG kernel per parameter shape (82 in EfficientNet-B0, ~0.4 s each on a CPU)."""
+    abstract = nnx.eval_shape(lambda: model_class(config, dtype=dtype, rngs=nnx.Rngs(seed)))
+    expected = {_dotted(key): (var.value.shape, var.value.dtype) for key, var in _variables(abstract).flat_state()}
+    values = convert_checkpoint(tensors, expected, config.model_type, num_labels=config.num_labels,
+                                allow_head_mismatch=allow_head_mismatch)
+    return build_with_weights(model_class, config, values, dtype=dtype, seed=seed, partial=True)
+
+
+def build_with_weights(model_class, config, values: dict[str, np.ndarray], *, dtype=None, seed: int = 0,
+                       partial: bool = False):
+    """The model from {dotted path: array} (ours, as `flat_weights` gives); with `partial`, absent leaves (a new
+    head) are freshly initialised — jit then keeps only their initialisers."""
     def build():
         return model_class(config, dtype=dtype, rngs=nnx.Rngs(seed))
 
     weights_filter = nnx.Any(nnx.Param, nnx.BatchStat)
     graphdef, weights, _ = nnx.split(nnx.eval_shape(build), weights_filter, ...)
     flat = weights.flat_state()
-    expected = {_dotted(key): (var.value.shape, var.value.dtype) for key, var in flat}
-    values = convert_checkpoint(tensors, expected, config.model_type, num_labels=config.num_labels,
-                                allow_head_mismatch=allow_head_mismatch)
-    missing = set(expected) - set(values)  # a re-initialised head: jit keeps only its initialisers
+    expected = {_dotted(key): var.value for key, var in flat}
+    missing = set(expected) - set(values)
+    if missing and not partial:
+        raise JaxmedError(f"weights missing for {len(missing)} of {len(expected)} model variables: "
+                          f"{', '.join(sorted(missing)[:5])}")
+    for path in expected.keys() & values.keys():
+        if tuple(np.shape(values[path])) != tuple(expected[path].shape):
+            raise JaxmedError(f"{path}: the weights have shape {np.shape(values[path])}, the model "
+                              f"{tuple(expected[path].shape)} — not the model these weights were trained as")
 
     def fresh_leaves():
         return {_dotted(k): v.value for k, v in _variables(build()).flat_state() if _dotted(k) in missing}
 
     fresh = jax.jit(fresh_leaves)() if missing else {}
     nnx.replace_by_pure_dict(weights, traverse_util.unflatten_dict(
-        {key: jnp.asarray(values.get(_dotted(key), fresh.get(_dotted(key)))) for key, _ in flat}))
+        {key: jnp.asarray(values.get(_dotted(key), fresh.get(_dotted(key))), dtype=expected[_dotted(key)].dtype)
+         for key, _ in flat}))
     # the rng streams alone: jit drops the unused parameter initialisers before compiling
     rest = jax.jit(lambda: nnx.split(build(), weights_filter, ...)[2])()
     return nnx.merge(graphdef, weights, rest)

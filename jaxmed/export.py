@@ -1,0 +1,76 @@
+"""A trained run → a Hugging Face PyTorch directory that transformers opens without jaxmed.
+
+    python -m jaxmed.export --workdir W --out DIR [--checkpoint best|latest|STEP]
+
+DIR gets config.json (architectures, id2label/label2id of the run's classes), model.safetensors and
+preprocessor_config.json. Only the checkpoint is read — not the data, not the devices it was trained on — and the
+same weights always give the same bytes. The stacked autoencoder's directory is described in jaxmed/models/sae.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from jaxmed.errors import JaxmedError
+
+log = logging.getLogger("jaxmed.export")
+
+
+def load_trained(workdir, which: str = "best"):
+    """(jaxmed model with the checkpoint's weights, in eval mode; the checkpoint's source) from a run directory."""
+    from jaxmed.checkpoint import Checkpoints, workdir_path
+    from jaxmed.convert import hub
+    from jaxmed.models import MODELS
+    from jaxmed.models.layers import Static
+
+    workdir = workdir_path(workdir)
+    if not ((workdir / "checkpoints").exists() or (workdir / "best").exists()):
+        raise JaxmedError(f"no checkpoints in {workdir}: pass the --workdir a jaxmed.main run trained into")
+    checkpoints = Checkpoints(workdir, async_saves=False)
+    try:
+        flat, meta, source = checkpoints.restore_flat_weights(which)
+    finally:
+        checkpoints.close()
+    config_class, model_class = MODELS[meta["model_type"]]
+    hf_config = config_class.from_dict(meta["hf_config"])
+    names = meta["class_names"]
+    hub.relabel(hf_config, len(names), dict(enumerate(names)))
+    model = hub.build_with_weights(model_class, hf_config, flat)
+    model.hf_preprocessor = Static(dict(meta["preprocessor"]))
+    model.eval()
+    return model, source
+
+
+def export(workdir, out, which: str = "best"):
+    from jaxmed.convert import hub
+
+    model, source = load_trained(workdir, which)
+    path = hub.save_pretrained(model, out)
+    log.info("exported %s (%s, %d classes) to %s", source, model.config.model_type, model.config.num_labels, path)
+    return path
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jaxmed.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="the run directory given to jaxmed.main")
+    parser.add_argument("--out", required=True, help="directory to write the HF model into")
+    parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        path = export(args.workdir, args.out, args.checkpoint)
+    except JaxmedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(path)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
