@@ -153,7 +153,8 @@ def run_script(command: list[str]) -> str:
         _ALREADY_RUNNING,
         ". .venv/bin/activate || exit 1",
         f"printf '=== %s %s\\n' \"$(date -u +%FT%TZ)\" {shlex.quote(text)} >> {LOG}",
-        f"setsid nohup {text} >> {LOG} 2>&1 < /dev/null & echo $! > {PID}",
+        # JAXMED_DISTRIBUTED=1: jaxmed.main joins the slice's jax.distributed job (hosts found by the TPU runtime)
+        f"JAXMED_DISTRIBUTED=1 setsid nohup {text} >> {LOG} 2>&1 < /dev/null & echo $! > {PID}",
         f'echo "jaxmed started on $(hostname), log: {REMOTE_DIR}/{LOG}"',
     ])
 

@@ -175,7 +175,7 @@ def test_run_detaches_on_every_worker_logs_to_a_file_and_stop_sends_sigterm(tpu,
     assert done.returncode == 0, done.stderr
     [ssh] = calls
     assert ssh[:-1] == [*VM, "ssh", "tpu1", *WHERE, "--worker=all"]
-    detached = f"setsid nohup {shlex.join(hello)} >> logs/run.log 2>&1 < /dev/null & echo $! > logs/run.pid"
+    detached = f"JAXMED_DISTRIBUTED=1 setsid nohup {shlex.join(hello)} >> logs/run.log 2>&1 < /dev/null & echo $! > logs/run.pid"
     assert detached in _command(ssh)
     log = home / "jaxmed/logs/run.log"
     _wait_for(lambda: log.exists() and "hello from the worker" in log.read_text())
@@ -256,7 +256,7 @@ def test_up_creates_only_what_is_missing_then_sets_up_and_runs(tpu, states, step
     if "create" in steps:
         assert calls[steps.index("create")] == [*VM, "create", "tpu1", *WHERE, "--accelerator-type=v4-8",
                                                 "--version=tpu-ubuntu2204-base", "--spot"]
-    assert "setsid nohup python -m jaxmed.main --config configs/demo.py --workdir gs://bucket/runs/demo" in _command(
+    assert "JAXMED_DISTRIBUTED=1 setsid nohup python -m jaxmed.main --config configs/demo.py --workdir gs://bucket/runs/demo" in _command(
         calls[-1])
 
 

@@ -67,3 +67,14 @@ def test_two_processes_are_one_job_with_one_process_numbers(tmp_path):
     multi_report = json.loads((workdir / "eval/test/report.json").read_text())
     assert multi_report["num_examples"] == single_report["num_examples"]  # every test image exactly once
     assert multi_report["confusion_matrix"] == single_report["confusion_matrix"]
+
+
+def test_half_described_cluster_is_a_clear_error(monkeypatch):
+    from jaxmed.errors import JaxmedError
+    from jaxmed.main import maybe_initialize_distributed
+
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    with pytest.raises(JaxmedError, match="JAX_NUM_PROCESSES"):
+        maybe_initialize_distributed()
