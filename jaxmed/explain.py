@@ -350,8 +350,8 @@ def explanation_figures(model, images_uint8, pixels, labels, class_names: Sequen
     """Heatmaps over the first `per_class` images of each class, titled "true / pred", as PNGs in `out_dir`.
 
     `images_uint8` (N, H, W[, C]) are the images to show, `pixels` (N, h, w, C) the same images as the model
-    takes them. Writes attention_rollout.png (ViT, CvT) and gradcam.png (every architecture Grad-CAM supports; it
-    explains the predicted class). Returns the paths written.
+    takes them. Writes attention_rollout.png (ViT, CvT) and gradcam_predicted_class.png (every architecture
+    Grad-CAM supports; it explains the predicted class). Returns the paths written.
     """
     labels = np.asarray(labels)
     if not len(images_uint8) == len(pixels) == len(labels):
@@ -371,7 +371,7 @@ def explanation_figures(model, images_uint8, pixels, labels, class_names: Sequen
     if isinstance(model, (ViT, CvT)):
         written.append(out_dir / "attention_rollout.png")
         overlay(images, attention_rollout(model, pixels), titles, written[-1])
-    written.append(out_dir / "gradcam.png")
+    written.append(out_dir / "gradcam_predicted_class.png")
     overlay(images, normalise_maps(cams), titles, written[-1])
     return written
 

@@ -17,7 +17,7 @@ from jaxmed.errors import JaxmedError
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("confusion_matrix.png", "roc_curves.png", "pr_curves.png", "training_curves.png", "predictions_grid.png",
-           "attention_rollout.png")
+           "attention_rollout.png", "gradcam_predicted_class.png")
 
 
 def _config(name):

@@ -327,8 +327,9 @@ def test_explanation_figures(name, pixels, tmp_path):
     model = tiny_model(name)
     images = np.random.RandomState(1).randint(0, 256, (BATCH, HEIGHT, WIDTH, 3)).astype(np.uint8)
     written = explain.explanation_figures(model, images, pixels, LABELS, CLASS_NAMES, tmp_path, per_class=2)
-    expected = {"vit": ["attention_rollout.png", "gradcam.png"], "cvt-cls": ["attention_rollout.png", "gradcam.png"],
-                "resnet": ["gradcam.png"]}[name]
+    both = ["attention_rollout.png", "gradcam_predicted_class.png"]
+    expected = {"vit": both, "cvt-cls": both,
+                "resnet": ["gradcam_predicted_class.png"]}[name]
     assert [path.name for path in written] == expected
     for path in written:
         data = path.read_bytes()
