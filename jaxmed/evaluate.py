@@ -83,7 +83,7 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
         write_report(out, report)
         write_predictions(out / "predictions.csv", [split.ids[i] for i in indices], labels, probs, names)
         _figures(run, out, split, indices, labels, probs, report["confusion_matrix"])
-        _explanations(run, out, split, indices, labels, params, stats)
+        _explanations(run, out, split, indices, labels, flat)
         log.info("%s: accuracy %.4f (%s) → %s", split_name, report["accuracy"], source, out)
     return report
 
@@ -189,20 +189,28 @@ def _grid_sample(labels, predictions, count: int) -> np.ndarray:
     return np.sort(np.concatenate([take_wrong, np.asarray(take_right, int)]).astype(int))
 
 
-def _explanations(run, out, split, indices, labels, params, stats) -> None:
-    """Attention rollout (ViT, CvT) and Grad-CAM (ResNet, EfficientNet, CvT) for a few images per class."""
+def _explanations(run, out, split, indices, labels, flat: dict) -> None:
+    """Attention rollout (ViT, CvT) and Grad-CAM (ResNet, EfficientNet, CvT, ViT) for a few images per class.
+
+    Runs on this host alone (process 0 writes the figures): a model from the checkpoint's host copy of the weights,
+    so no collective is needed that the other hosts would have to join.
+    """
     from flax import nnx
 
     from jaxmed import data as jdata
-    from jaxmed import explain
-    from jaxmed import mesh as jmesh
+    from jaxmed import explain, optim
 
     per_class = run.config.eval.explain_per_class
     if not per_class or run.spec.hf_config.model_type not in explain.EXPLAINED:
         return
+
+    def local(name):
+        return jax.tree_util.tree_map_with_path(lambda path, _: jax.numpy.asarray(flat[optim.dotted(path)]),
+                                                run.abstract[name])
+
+    rest = jax.tree.map(lambda x: x.addressable_data(0), run.rest)  # replicated: any local copy
+    model = nnx.merge(run.graph_eval, local("params"), local("stats"), rest)
     chosen = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(run.dataset.class_names))])
-    replicate = jax.jit(lambda tree: tree, out_shardings=jmesh.replicated(run.mesh))
-    model = nnx.merge(run.graph_eval, replicate(params), replicate(stats), run.rest)
     images = np.asarray(split.images[indices[chosen]])
     explain.explanation_figures(model, images, jdata.model_inputs(images, run.preprocessor), labels[chosen],
                                 run.dataset.class_names, out, per_class=per_class)
