@@ -28,9 +28,9 @@ def _demo_config(tmp_path):
 
 def test_shortened_demo_learns_and_exports_to_transformers(tmp_path):
     config = _demo_config(tmp_path)
-    config.data.synthetic.train_per_class = 200
+    config.data.synthetic.train_per_class = 1000
     config.data.synthetic.test_per_class = 25
-    config.train.epochs = SHORT_EPOCHS
+    config.train.epochs = 2
     result = train.train_and_evaluate(config, tmp_path / "run")
     assert result["test"]["accuracy"] >= 0.5, result["test"]["accuracy"]  # chance is 0.25
     assert (tmp_path / "run/eval/test/confusion_matrix.png").stat().st_size > 0
@@ -68,6 +68,6 @@ def test_demo_config_learns_a_small_real_image_folder(tmp_path):
     config = _demo_config(tmp_path)
     config.data.format = "imagefolder"
     config.data.root = str(_digits_folder(tmp_path / "digits"))
-    config.train.epochs = SHORT_EPOCHS
+    config.train.epochs = 10
     result = train.train_and_evaluate(config, tmp_path / "run")
     assert result["test"]["accuracy"] >= 0.8, result["test"]["accuracy"]  # chance is 0.25
