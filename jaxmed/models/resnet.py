@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import ResNetConfig
 
-from jaxmed.models.layers import BatchNorm, Static, activation, torch_conv_padding, torch_linear_init
+from jaxmed.models.layers import BatchNorm, Conv, Static, activation, torch_conv_padding, torch_linear_init
 
 
 class Output(NamedTuple):
@@ -26,7 +26,7 @@ class ConvLayer(nnx.Module):
     """Conv (PyTorch padding k//2, no bias) → BatchNorm → optional activation."""
 
     def __init__(self, cin, cout, kernel=3, stride=1, act: str | None = "relu", *, dtype, rngs):
-        self.convolution = nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride),
+        self.convolution = Conv(cin, cout, (kernel, kernel), strides=(stride, stride),
                                     padding=torch_conv_padding(kernel, stride, kernel // 2), use_bias=False,
                                     kernel_init=_conv_init, dtype=dtype, rngs=rngs)
         self.normalization = BatchNorm(cout, dtype=dtype)
@@ -39,7 +39,7 @@ class ConvLayer(nnx.Module):
 
 class ShortCut(nnx.Module):
     def __init__(self, cin, cout, stride, *, dtype, rngs):
-        self.convolution = nnx.Conv(cin, cout, (1, 1), strides=(stride, stride), padding="VALID",
+        self.convolution = Conv(cin, cout, (1, 1), strides=(stride, stride), padding="VALID",
                                     use_bias=False, kernel_init=_conv_init, dtype=dtype, rngs=rngs)
         self.normalization = BatchNorm(cout, dtype=dtype)
 
