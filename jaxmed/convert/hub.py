@@ -182,18 +182,19 @@ def build_loaded(model_class, config, tensors: dict[str, np.ndarray], *, dtype=N
     expected = {_dotted(key): (var.value.shape, var.value.dtype) for key, var in _variables(abstract).flat_state()}
     values = convert_checkpoint(tensors, expected, config.model_type, num_labels=config.num_labels,
                                 allow_head_mismatch=allow_head_mismatch)
-    return build_with_weights(model_class, config, values, dtype=dtype, seed=seed, partial=True)
+    return build_with_weights(model_class, config, values, dtype=dtype, seed=seed, partial=True, abstract=abstract)
 
 
 def build_with_weights(model_class, config, values: dict[str, np.ndarray], *, dtype=None, seed: int = 0,
-                       partial: bool = False):
+                       partial: bool = False, abstract=None):
     """The model from {dotted path: array} (ours, as `flat_weights` gives); with `partial`, absent leaves (a new
-    head) are freshly initialised — jit then keeps only their initialisers."""
+    head) are freshly initialised — jit then keeps only their initialisers. `abstract`: the model's eval_shape,
+    when the caller has it already."""
     def build():
         return model_class(config, dtype=dtype, rngs=nnx.Rngs(seed))
 
     weights_filter = nnx.Any(nnx.Param, nnx.BatchStat)
-    graphdef, weights, _ = nnx.split(nnx.eval_shape(build), weights_filter, ...)
+    graphdef, weights, _ = nnx.split(abstract if abstract is not None else nnx.eval_shape(build), weights_filter, ...)
     flat = weights.flat_state()
     expected = {_dotted(key): var.value for key, var in flat}
     missing = set(expected) - set(values)
