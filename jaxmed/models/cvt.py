@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from transformers import CvtConfig
 
-from jaxmed.models.layers import BatchNorm, DepthwiseConv, Static, activation
+from jaxmed.models.layers import BatchNorm, DepthwiseConv, Static, activation, materialize
 
 # nn.LayerNorm's default: HF's CvT never passes config.layer_norm_eps to its LayerNorms.
 LAYER_NORM_EPS = 1e-5
@@ -251,9 +251,10 @@ class Layer(nnx.Module):
 
     def __call__(self, x, height, width):
         attended, weights = self.attention(self.layernorm_before(x), height, width)
-        x = self.drop_path(attended) + x
+        x = materialize(self.drop_path(attended) + x)
         # HF drops the whole (MLP + residual) sum, not just the MLP branch.
-        return self.drop_path(self.output(self.intermediate(self.layernorm_after(x)), x)), weights
+        out = self.drop_path(self.output(self.intermediate(self.layernorm_after(x)), x))
+        return materialize(out), weights
 
 
 def _stage_drop_path_rate(config: CvtConfig, stage: int) -> float:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import EfficientNetConfig
 
-from jaxmed.models.layers import BatchNorm, DepthwiseConv, Static, activation
+from jaxmed.models.layers import BatchNorm, Conv, DepthwiseConv, Static, activation
 
 
 class Output(NamedTuple):
@@ -56,8 +56,8 @@ def _stride2_padding(kernel: int, adjust: bool):
 
 
 def _conv(cin, cout, kernel=1, *, strides=1, padding="VALID", use_bias=False, dtype, rngs):
-    return nnx.Conv(cin, cout, (kernel, kernel), strides=strides, padding=padding,
-                    use_bias=use_bias, kernel_init=_conv_init, dtype=dtype, rngs=rngs)
+    return Conv(cin, cout, (kernel, kernel), strides=strides, padding=padding,
+                use_bias=use_bias, kernel_init=_conv_init, dtype=dtype, rngs=rngs)
 
 
 def _batchnorm(config, dim, dtype, momentum=None):

@@ -32,6 +32,39 @@ class Static:
         return f"Static({type(self.value).__name__})"
 
 
+def _fence(x):
+    # The predicate depends on the data, so XLA cannot fold the conditional away (x == x is False for NaN; both
+    # branches are the identity). XLA:CPU drops optimization_barrier before fusing, so it would not do.
+    first = x.reshape(-1)[0]
+    return jax.lax.cond(first == first, lambda v: v, lambda v: v + 0, x)
+
+
+def materialize(x):
+    """Identity that XLA:CPU cannot fuse across, forward and backward: put at block boundaries. Elsewhere a no-op.
+
+    Without it XLA:CPU fuses the residual stream's gradient, summed over every later block, into each transposed
+    copy a weight gradient needs, re-reading dozens of inputs with a stride: a fifth of a CvT-13 train step.
+    Accelerators fuse well and would only pay for the conditionals.
+    """
+    return _materialize(x) if jax.default_backend() == "cpu" else x
+
+
+@jax.custom_vjp
+def _materialize(x):
+    return _fence(x)
+
+
+def _materialize_fwd(x):
+    return _fence(x), None
+
+
+def _materialize_bwd(_, cotangent):
+    return (_fence(cotangent),)
+
+
+_materialize.defvjp(_materialize_fwd, _materialize_bwd)
+
+
 class BatchNorm(nnx.Module):
     """BatchNorm with PyTorch semantics, so HF statistics load and update exactly as in torch.
 
@@ -187,8 +220,8 @@ class DepthwiseConv(nnx.Module):
 
 
 class Conv(nnx.Conv):
-    """`nnx.Conv` whose 1×1 case (most of a ResNet bottleneck) runs as a matmul over the NHWC pixels; same
-    parameters and results.
+    """`nnx.Conv` whose 1×1 case (most of a ResNet bottleneck, EfficientNet's expand/project/squeeze convs) runs as
+    a matmul over the NHWC pixels; same parameters and results.
 
     Why: XLA:CPU computes a convolution's filter gradient on transposed copies of the activations (17% of
     ResNet-50's train step); a matmul's gradients need no relayout. ResNet-50 train step: 1.6 → 2.6 img/s.
