@@ -225,7 +225,9 @@ class Conv(nnx.Conv):
 
     Why: XLA:CPU computes a convolution's filter gradient on transposed copies of the activations (17% of
     ResNet-50's train step); a matmul's gradients need no relayout. ResNet-50 train step: 1.6 → 2.6 img/s.
-    (k×k as an im2col matmul measured no better, so larger kernels stay convolutions.)
+    (k×k as an im2col matmul measured no better, so larger kernels stay convolutions.) The output is fenced
+    (`materialize`) so the following BatchNorm's backward is not fused into the transposed copy the filter gradient
+    reads: 8% less CPU time per ResNet-50 and EfficientNet-B0 step.
     """
 
     def __call__(self, inputs):
@@ -237,7 +239,7 @@ class Conv(nnx.Conv):
         kernel = self.kernel.value[0, 0]
         if self.dtype is not None:
             inputs, kernel = inputs.astype(self.dtype), kernel.astype(self.dtype)
-        out = jnp.matmul(inputs[:, ::sh, ::sw, :], kernel)
+        out = materialize(jnp.matmul(inputs[:, ::sh, ::sw, :], kernel))
         if self.bias is not None:
             out = out + self.bias.value.astype(out.dtype)
         return out
