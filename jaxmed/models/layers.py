@@ -33,8 +33,9 @@ class Static:
 
 
 def _fence(x):
-    # The predicate depends on the data, so XLA cannot fold the conditional away (x == x is False for NaN; both
-    # branches are the identity). XLA:CPU drops optimization_barrier before fusing, so it would not do.
+    # The predicate depends on the data, so XLA cannot fold the conditional away; it is False only when the first
+    # element is NaN, and that branch (v + 0: identical branches would be merged) differs only by turning -0.0 into
+    # +0.0. XLA:CPU drops optimization_barrier before fusing, so a barrier would not do.
     first = x.reshape(-1)[0]
     return jax.lax.cond(first == first, lambda v: v, lambda v: v + 0, x)
 
