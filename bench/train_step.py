@@ -37,27 +37,27 @@ LR, CLIP = 2e-5, 1.0
 ROUNDS = 3
 
 
-def gemm_peak(seconds: float = 3.0, n: int = 2048) -> float:
-    """FLOP/s of a large fp32 matmul in XLA on this machine, now."""
-    a = jnp.asarray(np.random.RandomState(0).randn(n, n).astype(np.float32))
-    matmul = jax.jit(lambda x, y: x @ y)
+def gemm_peak(seconds: float = 3.0, n: int = 2048, dtype=jnp.float32) -> float:
+    """FLOP/s of a large matmul in XLA on this machine, now (bf16 operands accumulate in fp32)."""
+    a = jnp.asarray(np.random.RandomState(0).randn(n, n), dtype)
+    matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     rate = _rate(lambda: matmul(a, a).block_until_ready(), 1, seconds)
     return rate * 2 * n**3
 
 
-def torch_gemm_peak(seconds: float = 3.0, n: int = 2048) -> float:
+def torch_gemm_peak(seconds: float = 3.0, n: int = 2048, dtype=torch.float32) -> float:
     """The same matmul in PyTorch (MKL/oneDNN): the ceiling of a GEMM-bound model's ratio is peak / this."""
-    a = torch.from_numpy(np.random.RandomState(0).randn(n, n).astype(np.float32))
+    a = torch.from_numpy(np.random.RandomState(0).randn(n, n).astype(np.float32)).to(dtype)
     return _rate(lambda: a @ a, 1, seconds) * 2 * n**3
 
 
-def bench(name: str, batch: int, seconds: float, peak: float, reference_peak: float) -> dict:
+def bench(name: str, batch: int, seconds: float, peak: float, reference_peak: float, dtype: str) -> dict:
     model_class, config = _configs()[name]
     torch.manual_seed(0)
     reference = model_class(config)
     with tempfile.TemporaryDirectory() as directory:
         reference.save_pretrained(directory)
-        model = from_pretrained(directory)
+        model = from_pretrained(directory, dtype=jnp.dtype(dtype) if dtype != "float32" else None)
     rng = np.random.RandomState(0)
     images = rng.randn(batch, 224, 224, 3).astype(np.float32)
     labels = rng.randint(0, config.num_labels, batch).astype(np.int32)
@@ -87,7 +87,9 @@ def bench(name: str, batch: int, seconds: float, peak: float, reference_peak: fl
     y_torch = torch.from_numpy(labels).long()
 
     def run_torch():
-        loss = torch.nn.functional.cross_entropy(reference(x_torch).logits, y_torch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = reference(x_torch).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), y_torch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
         optimizer.step()
@@ -103,7 +105,7 @@ def bench(name: str, batch: int, seconds: float, peak: float, reference_peak: fl
             "reference_mfu": round(flops * theirs / batch / peak, 3) if flops else None,
             "step_gflop": round(flops / 1e9, 1), "gemm_peak_gflops": round(peak / 1e9, 1),
             "reference_gemm_peak_gflops": round(reference_peak / 1e9, 1), "batch": batch,
-            "image_size": 224, "dtype": "float32", "torch_threads": torch.get_num_threads(),
+            "image_size": 224, "dtype": dtype, "torch_threads": torch.get_num_threads(),
             "jax_devices": jax.device_count(),
             "rounds": [[round(a, 2), round(b, 2)] for a, b in rounds]}
 
@@ -114,13 +116,16 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["vit-b16", "resnet50", "cvt13"], choices=choices)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds per framework and model")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype: bfloat16 is mixed precision (fp32 master weights; HF under autocast)")
     parser.add_argument("--cpu-devices", type=int, default=None, help="XLA CPU devices (default: JAX's)")
     args = parser.parse_args(argv)
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    peak, reference_peak = gemm_peak(), torch_gemm_peak()
+    peak = gemm_peak(dtype=jnp.dtype(args.dtype))
+    reference_peak = torch_gemm_peak(dtype=getattr(torch, args.dtype))
     for name in args.models:
-        print(json.dumps(bench(name, args.batch, args.seconds, peak, reference_peak)), flush=True)
+        print(json.dumps(bench(name, args.batch, args.seconds, peak, reference_peak, args.dtype)), flush=True)
     return 0
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from transformers import CvtConfig
 
+from jaxmed.models import layers
 from jaxmed.models.layers import BatchNorm, DepthwiseConv, Static, activation, materialize
 
 # nn.LayerNorm's default: HF's CvT never passes config.layer_norm_eps to its LayerNorms.
@@ -33,7 +34,8 @@ def _init(config: CvtConfig):
 
 
 def _linear(din, dout, config, rngs, dtype, use_bias=True):
-    return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=_init(config), dtype=dtype, rngs=rngs)
+    return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=_init(config), dtype=dtype, rngs=rngs,
+                      dot_general=layers.dot_general)
 
 
 def _layernorm(dim, dtype, rngs):
@@ -186,16 +188,17 @@ class SelfAttention(nnx.Module):
 
         head_dim = dim // self.num_heads
 
-        def heads(t):  # (B, T, D) → (B, heads, T, head_dim)
+        def heads(t):  # (B, T, D) → (B, heads, T, head_dim), in the compute dtype (a mixed Linear returns fp32)
+            t = t.astype(self.projection_query.dtype or t.dtype)
             return t.reshape(batch, t.shape[1], self.num_heads, head_dim).transpose(0, 2, 1, 3)
 
         query = heads(self.projection_query(query))
         key = heads(self.projection_key(key))
         value = heads(self.projection_value(value))
         # head-major batched matmuls: XLA:CPU runs these much faster than the equivalent einsums (as in vit.py)
-        scores = jnp.matmul(query, key.transpose(0, 1, 3, 2)) * self.scale
+        scores = layers.matmul(query, key.transpose(0, 1, 3, 2)) * self.scale
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(query.dtype)
-        context = jnp.matmul(self.dropout(weights), value).transpose(0, 2, 1, 3)
+        context = layers.matmul(self.dropout(weights), value).transpose(0, 2, 1, 3)
         return context.reshape(batch, -1, dim), weights
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import EfficientNetConfig
 
+from jaxmed.models import layers
 from jaxmed.models.layers import BatchNorm, Conv, DepthwiseConv, Static, activation
 
 
@@ -185,7 +186,8 @@ class EfficientNet(nnx.Module):
         self.efficientnet = EfficientNetModel(config, dtype, rngs)
         self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
         self.classifier = (nnx.Linear(config.hidden_dim, config.num_labels, dtype=dtype, rngs=rngs,
-                                      kernel_init=nnx.initializers.normal(config.initializer_range))
+                                      kernel_init=nnx.initializers.normal(config.initializer_range),
+                                      dot_general=layers.dot_general)
                            if config.num_labels > 0 else None)
 
     @property

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import ResNetConfig
 
+from jaxmed.models import layers
 from jaxmed.models.layers import BatchNorm, Conv, Static, activation, torch_conv_padding, torch_linear_init
 
 
@@ -127,7 +128,7 @@ class ResNet(nnx.Module):
         self.hf_config = Static(config)
         self.resnet = ResNetModel(config, dtype=dtype, rngs=rngs)
         self.classifier = nnx.Linear(config.hidden_sizes[-1], config.num_labels, dtype=dtype, rngs=rngs,
-                                     kernel_init=torch_linear_init)
+                                     kernel_init=torch_linear_init, dot_general=layers.dot_general)
 
     @property
     def config(self) -> ResNetConfig:

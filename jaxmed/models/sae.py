@@ -21,6 +21,7 @@ from flax import nnx
 from transformers import PreTrainedConfig
 
 from jaxmed.errors import JaxmedError
+from jaxmed.models import layers
 from jaxmed.models.layers import Static, activation, torch_linear_init
 
 SAE_ACTIVATIONS = ("sigmoid", "relu")
@@ -61,7 +62,7 @@ class Output(NamedTuple):
 def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     # torch.nn.Linear's default init, weight and bias both U(±1/sqrt(fan_in)), as the PyTorch reference had
     bound = din**-0.5
-    return nnx.Linear(din, dout, kernel_init=torch_linear_init, dtype=dtype, rngs=rngs,
+    return nnx.Linear(din, dout, kernel_init=torch_linear_init, dtype=dtype, rngs=rngs, dot_general=layers.dot_general,
                       bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
                                                                                         bound))
 

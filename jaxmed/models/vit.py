@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import ViTConfig
 
+from jaxmed.models import layers
 from jaxmed.models.layers import Static, activation, torch_bicubic_resize
 
 
@@ -20,7 +21,8 @@ class Output(NamedTuple):
 
 def _linear(din, dout, config, rngs, dtype, use_bias=True):
     init = nnx.initializers.normal(config.initializer_range)
-    return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=init, dtype=dtype, rngs=rngs)
+    return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=init, dtype=dtype, rngs=rngs,
+                      dot_general=layers.dot_general)
 
 
 def _layernorm(config, dtype, rngs):
@@ -87,14 +89,15 @@ class SelfAttention(nnx.Module):
         batch, tokens, dim = x.shape
         head_dim = dim // self.num_heads
 
-        def heads(t):  # (B, T, D) → (B, heads, T, head_dim)
+        def heads(t):  # (B, T, D) → (B, heads, T, head_dim), in the compute dtype (a mixed Linear returns fp32)
+            t = t.astype(self.query.dtype or t.dtype)
             return t.reshape(batch, tokens, self.num_heads, head_dim).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         # Batched matmuls on head-major tensors: XLA:CPU runs these ~2.5x faster than the equivalent einsums.
-        scores = jnp.matmul(q, k.transpose(0, 1, 3, 2)) * (head_dim**-0.5)
+        scores = layers.matmul(q, k.transpose(0, 1, 3, 2)) * (head_dim**-0.5)
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-        context = jnp.matmul(self.dropout(weights), v).transpose(0, 2, 1, 3)
+        context = layers.matmul(self.dropout(weights), v).transpose(0, 2, 1, 3)
         return context.reshape(batch, tokens, dim), weights
 
 
