@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxmed.models import layers
 
@@ -52,3 +53,15 @@ def test_bf16_gradient_close_to_fp32_and_in_bf16():
     for m, f in zip(mixed, full):
         assert m.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(m, np.float32), f, rtol=0, atol=0.05 * float(jnp.abs(f).max()))
+
+
+def test_active_dropout_composes_the_ops_and_drops_weights():
+    q, k, v = _inputs()
+    context, weights = layers.attention(q, k, v, 0.3, nnx.Dropout(0.5, rngs=nnx.Rngs(0)))
+    kept = nnx.Dropout(0.5, rngs=nnx.Rngs(0))(weights)  # the same mask, from the same key
+    assert 0.3 < float(jnp.mean(kept == 0)) < 0.7
+    np.testing.assert_allclose(context, jnp.matmul(kept, v), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(weights, _composed(q, k, v, 0.3)[1])
+    inactive = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+    inactive.eval()
+    np.testing.assert_array_equal(layers.attention(q, k, v, 0.3, inactive)[0], _composed(q, k, v, 0.3)[0])

@@ -196,12 +196,7 @@ class SelfAttention(nnx.Module):
         key = heads(self.projection_key(key))
         value = heads(self.projection_value(value))
         # head-major batched matmuls: XLA:CPU runs these much faster than the equivalent einsums (as in vit.py)
-        if self.dropout.deterministic or self.dropout.rate == 0:
-            context, weights = layers.attention(query, key, value, self.scale)
-        else:
-            scores = layers.matmul(query, key.transpose(0, 1, 3, 2)) * self.scale
-            weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(query.dtype)
-            context = layers.matmul(self.dropout(weights), value)
+        context, weights = layers.attention(query, key, value, self.scale, self.dropout)
         return context.transpose(0, 2, 1, 3).reshape(batch, -1, dim), weights
 
 

@@ -121,7 +121,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
                                preferred_element_type=preferred_element_type, **kwargs)
 
 
-def attention(q, k, v, scale: float):
+def attention(q, k, v, scale: float, dropout: nnx.Dropout | None = None):
     """softmax(q kᵀ · scale) v on head-major (B, heads, tokens, head_dim) tensors → (context, weights).
 
     Same forward as the three-op composition; the backward is written out (as FlashAttention's): the softmax
@@ -129,9 +129,13 @@ def attention(q, k, v, scale: float):
     keys. XLA:CPU ran that keys-wide reduction fused into the dot that feeds it at a few GFLOP/s: CvT-13's
     stage-1 attention (3136 queries × 784 keys) took 1.05 CPU s per step that way, 0.64 s this way. Low-precision
     operands multiply as in `matmul` (fp32 accumulation, softmax in fp32). The weights are returned in q's dtype.
-    No dropout on the weights: callers with active attention dropout compose the ops themselves.
+    With an active `dropout` (training, rate > 0) on the weights the identity does not hold, so the ops are composed
+    and differentiated by autodiff.
     """
-    return _attention(q, k, v, scale)
+    if dropout is None or dropout.deterministic or dropout.rate == 0:
+        return _attention(q, k, v, scale)
+    weights = jax.nn.softmax(matmul(q, _swap(k)).astype(jnp.float32) * scale, axis=-1).astype(q.dtype)
+    return matmul(dropout(weights), v), weights
 
 
 def _attention_forward(q, k, v, scale):
