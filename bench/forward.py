@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from jaxmed.models import from_pretrained  # noqa: E402
+from jaxmed.convert import from_pretrained  # noqa: E402
 
 
 def _configs():

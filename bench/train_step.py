@@ -30,7 +30,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from forward import _configs, _rate  # noqa: E402
 
-from jaxmed.models import from_pretrained  # noqa: E402
+from jaxmed.convert import from_pretrained  # noqa: E402
 from jaxmed.train import step_function  # noqa: E402
 
 LR, CLIP = 2e-5, 1.0

@@ -70,3 +70,25 @@ def base_config() -> ml_collections.ConfigDict:
     config.mesh.data = -1  # -1: all devices not used by fsdp
     config.mesh.fsdp = 1
     return config
+
+
+def load_run_config(workdir) -> ml_collections.ConfigDict:
+    """A run's resolved config (W/config.json) over today's defaults, so older runs gain new keys."""
+    import json
+
+    from jaxmed.errors import JaxmedError
+
+    path = workdir / "config.json"
+    if not path.exists():
+        raise JaxmedError(f"no config.json in {workdir}: is this a jaxmed run directory (--workdir of jaxmed.main)?")
+    config = base_config()
+    _merge(config, json.loads(path.read_text()))
+    return config
+
+
+def _merge(node, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and key in node and hasattr(node[key], "keys") and key != "hf_config":
+            _merge(node[key], value)
+        else:
+            node[key] = value

@@ -24,7 +24,7 @@ import transformers  # noqa: E402
 from jaxmed.convert import TABLES  # noqa: E402
 from jaxmed.data.preprocess import Preprocessor  # noqa: E402
 from jaxmed.errors import JaxmedError  # noqa: E402
-from jaxmed.models import from_pretrained, save_pretrained  # noqa: E402
+from jaxmed.convert import from_pretrained, save_pretrained  # noqa: E402
 
 LABELS = {0: "glioma", 1: "meningioma", 2: "no_tumor", 3: "pituitary"}
 

@@ -20,10 +20,10 @@ log = logging.getLogger("jaxmed.export")
 
 def load_trained(workdir, which: str = "best"):
     """(jaxmed model with the checkpoint's weights, in eval mode; the checkpoint's source) from a run directory."""
-    from jaxmed.checkpoint import Checkpoints, workdir_path
     from jaxmed.convert import hub
     from jaxmed.models import MODELS
     from jaxmed.models.layers import Static
+    from jaxmed.train.checkpoint import Checkpoints, workdir_path
 
     workdir = workdir_path(workdir)
     if not ((workdir / "checkpoints").exists() or (workdir / "best").exists()):
@@ -60,9 +60,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="directory to write the HF model into")
     parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from jaxmed.distributed import setup_logging
+
+    setup_logging()
     try:
         path = export(args.workdir, args.out, args.checkpoint)
     except JaxmedError as error:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
 
 from absl import app, flags
@@ -15,42 +13,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, reports; reused to resume")
 
 
-def maybe_initialize_distributed() -> None:
-    """Join a multi-host job when the environment describes one.
-
-    JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID: any cluster (GPU hosts, local processes over
-    gloo). JAXMED_DISTRIBUTED=1 (set by launch/tpu.py), or GKE/multislice TPU variables: Cloud TPU, where
-    jax.distributed finds the slice's hosts itself.
-    """
-    import jax
-
-    from jaxmed.errors import JaxmedError
-
-    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if address:
-        missing = [key for key in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not os.environ.get(key)]
-        if missing:
-            raise JaxmedError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} not: set all three "
-                              "(process count, and this process's id from 0) or none")
-        if os.environ.get("JAX_PLATFORMS", "") == "cpu" or not os.environ.get("TPU_NAME"):
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(address, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["JAX_PROCESS_ID"]))
-    elif (os.environ.get("JAXMED_DISTRIBUTED") == "1" or os.environ.get("TPU_WORKER_HOSTNAMES")
-          or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS")):
-        jax.distributed.initialize()  # Cloud TPU: coordinator, process count and id come from the TPU metadata
-    if jax.process_count() > 1:
-        logging.getLogger("jaxmed").info("process %d of %d, %d local devices of %d", jax.process_index(),
-                                         jax.process_count(), jax.local_device_count(), jax.device_count())
-
-
 def main(argv) -> int:
     del argv
+    from jaxmed.distributed import maybe_initialize_distributed, setup_logging
     from jaxmed.errors import JaxmedError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     if _WORKDIR.value is None:
         print("error: --workdir is required (where checkpoints, metrics and reports go)", file=sys.stderr)
         return 2
@@ -59,14 +27,14 @@ def main(argv) -> int:
         maybe_initialize_distributed()
         import jax
 
-        from jaxmed import train
-        from jaxmed.checkpoint import workdir_path
+        from jaxmed import experiment
+        from jaxmed.train.checkpoint import workdir_path
 
         workdir = workdir_path(_WORKDIR.value)  # local or gs://…
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-        result = train.train_and_evaluate(config, workdir)
+        result = experiment.train_and_evaluate(config, workdir)
     except JaxmedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

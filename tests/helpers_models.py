@@ -11,10 +11,9 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from hf_utils import nhwc
-from jaxmed.convert import TABLES
+from jaxmed.convert import TABLES, from_pretrained, save_pretrained
 from jaxmed.convert.core import to_flax, to_hf
 from jaxmed.convert.hub import flat_weights
-from jaxmed.models import from_pretrained, save_pretrained
 
 
 def randomize_weights(model: torch.nn.Module, seed: int = 0, gain: float = 1.5) -> None:

@@ -12,7 +12,8 @@ from transformers import (AutoImageProcessor, AutoModelForImageClassification, B
 
 from hf_utils import images, nhwc, randomize_batchnorm, save_hf, torch_logits
 from jaxmed.errors import JaxmedError
-from jaxmed.models import ResNet, ViT, from_pretrained, save_pretrained
+from jaxmed.convert import from_pretrained, save_pretrained
+from jaxmed.models import ResNet, ViT
 from flax import nnx
 
 VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,

@@ -12,10 +12,10 @@ from transformers import AutoModelForImageClassification, CvtConfig, CvtForImage
 from helpers_models import (check_bit_identical_round_trip, check_train_step, eval_forward, max_diff,
                             randomize_statistics, randomize_weights, save_hf)
 from hf_utils import images, nhwc
-from jaxmed.convert import TABLES
+from jaxmed.convert import TABLES, from_pretrained, save_pretrained
 from jaxmed.convert.core import to_hf
 from jaxmed.convert.hub import flat_weights
-from jaxmed.models import CvT, from_pretrained, save_pretrained
+from jaxmed.models import CvT
 from jaxmed.models.cvt import DropPath, torch_avg_pool_ceil
 
 # Two stages of widths 16/32 on 64² images (grids 16², 8²): every per-stage code path, including a stage fed by

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForImageClassification
 
-from jaxmed import export, train
+from jaxmed import experiment, export, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def test_shortened_demo_learns_and_exports_to_transformers(tmp_path):
     config.data.synthetic.train_per_class = 1000
     config.data.synthetic.test_per_class = 25
     config.train.epochs = 2
-    result = train.train_and_evaluate(config, tmp_path / "run")
+    result = experiment.train_and_evaluate(config, tmp_path / "run")
     assert result["test"]["accuracy"] >= 0.5, result["test"]["accuracy"]  # chance is 0.25
     assert (tmp_path / "run/eval/test/confusion_matrix.png").stat().st_size > 0
 
@@ -69,5 +69,5 @@ def test_demo_config_learns_a_small_real_image_folder(tmp_path):
     config.data.format = "imagefolder"
     config.data.root = str(_digits_folder(tmp_path / "digits"))
     config.train.epochs = 10
-    result = train.train_and_evaluate(config, tmp_path / "run")
+    result = experiment.train_and_evaluate(config, tmp_path / "run")
     assert result["test"]["accuracy"] >= 0.8, result["test"]["accuracy"]  # chance is 0.25

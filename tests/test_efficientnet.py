@@ -12,10 +12,10 @@ from transformers import (AutoModelForImageClassification, EfficientNetConfig,
 from helpers_models import (check_bit_identical_round_trip, check_train_step, eval_forward, max_diff,
                             randomize_statistics, randomize_weights, save_hf)
 from hf_utils import images, nhwc
-from jaxmed.convert import TABLES
+from jaxmed.convert import TABLES, from_pretrained, save_pretrained
 from jaxmed.convert.core import to_hf
 from jaxmed.convert.hub import flat_weights
-from jaxmed.models import EfficientNet, from_pretrained, save_pretrained
+from jaxmed.models import EfficientNet
 from jaxmed.models.efficientnet import round_filters
 
 # google/efficientnet-b0. HF's config default hidden_dim (2560) is B7's; B0's top conv has 1280 channels.

@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
-from jaxmed import evaluate, export, train
-from jaxmed.checkpoint import Checkpoints
+from jaxmed import evaluate, experiment, export, train
+from jaxmed.train.checkpoint import Checkpoints
+from jaxmed.config import load_run_config
 from jaxmed.errors import JaxmedError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def run_dir(tmp_path_factory):
     config.eval.target_recall = 0.9
     config.eval.bootstrap = 200
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))  # as jaxmed.main does
-    train.train_and_evaluate(config, workdir)
+    experiment.train_and_evaluate(config, workdir)
     return workdir
 
 
@@ -132,7 +133,7 @@ def test_checkpoint_selection_lists_what_exists(run_dir):
 
 
 def _test_split(run_dir):
-    config = evaluate.load_config(run_dir)
+    config = load_run_config(run_dir)
     from jaxmed import data as jdata
 
     spec = train.model_spec(config)
@@ -142,5 +143,5 @@ def _test_split(run_dir):
 def _normalize(run_dir, images):
     from jaxmed import data as jdata
 
-    spec = train.model_spec(evaluate.load_config(run_dir))
+    spec = train.model_spec(load_run_config(run_dir))
     return jdata.model_inputs(np.asarray(images), jdata.Preprocessor.from_config(spec.preprocessor))

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from transformers import CvtConfig, EfficientNetConfig, ResNetConfig, ViTConfig
 
-from jaxmed import explain
+from jaxmed.evaluate import explain
 from jaxmed.errors import JaxmedError
 from jaxmed.models import CvT, EfficientNet, ResNet, ViT
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxmed import figures
+from jaxmed.evaluate import figures
 from jaxmed.errors import JaxmedError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from jaxmed import metrics
+from jaxmed.evaluate import metrics
 
 NAMES4 = ["glioma", "meningioma", "no_tumor", "pituitary"]
 

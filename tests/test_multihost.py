@@ -71,7 +71,7 @@ def test_two_processes_are_one_job_with_one_process_numbers(tmp_path):
 
 def test_half_described_cluster_is_a_clear_error(monkeypatch):
     from jaxmed.errors import JaxmedError
-    from jaxmed.main import maybe_initialize_distributed
+    from jaxmed.distributed import maybe_initialize_distributed
 
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
     monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)

@@ -8,9 +8,8 @@ from transformers import ResNetConfig, ResNetForImageClassification
 from hf_utils import (assert_grads_close, images, jax_grads, nhwc, randomize_batchnorm, save_hf, torch_grads,
                       torch_logits)
 from jaxmed.convert.hub import flat_weights
-from jaxmed.convert import TABLES
+from jaxmed.convert import TABLES, from_pretrained
 from jaxmed.convert.core import to_hf
-from jaxmed.models import from_pretrained
 
 BASIC = dict(embedding_size=16, hidden_sizes=[16, 24, 32], depths=[2, 1, 2], layer_type="basic", num_labels=4)
 BOTTLENECK = dict(embedding_size=16, hidden_sizes=[32, 48], depths=[2, 2], layer_type="bottleneck", num_labels=3)

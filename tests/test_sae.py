@@ -14,12 +14,13 @@ from flax import nnx, traverse_util
 
 import tiny_config
 from jaxmed import data as jdata
-from jaxmed import optim, protocols, train
-from jaxmed.checkpoint import Checkpoints
-from jaxmed.convert import TABLES, hub
+from jaxmed import experiment, protocols, train
+from jaxmed.train import optim
+from jaxmed.train.checkpoint import Checkpoints
+from jaxmed.convert import TABLES, from_pretrained, hub, save_pretrained
 from jaxmed.convert.core import to_hf
 from jaxmed.errors import JaxmedError
-from jaxmed.models import SAE, SAEConfig, from_pretrained, save_pretrained
+from jaxmed.models import SAE, SAEConfig
 
 TABLE = TABLES["jaxmed_sae"][0]
 HIDDEN = [32, 16]
@@ -75,7 +76,7 @@ def trained(tmp_path_factory, cache_dir):
     config = _config(cache_dir)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "Checkpoints", functools.partial(Checkpoints, keep_latest=10))
-        result = train.train_and_evaluate(config, workdir)
+        result = experiment.train_and_evaluate(config, workdir)
     run = train.setup(config, workdir)
     model = train.build_model(run.spec, jnp.float32, config.seed)  # the run's init (same seed, same bits)
     params = [hub.flat_weights(model)] + [_checkpoint_params(workdir, end) for end in run.phase_steps]
@@ -121,7 +122,7 @@ def test_resume_at_a_phase_boundary_matches_the_uninterrupted_run(trained, tmp_p
     """A checkpoint written at a phase's last step holds that phase's optimizer; resuming starts the next phase's."""
     boundary, end = trained["run"].phase_steps[0], trained["run"].phase_steps[-1]
     shutil.copytree(trained["workdir"] / "checkpoints" / str(boundary), tmp_path / "run/checkpoints" / str(boundary))
-    train.train_and_evaluate(_config(cache_dir), tmp_path / "run")
+    experiment.train_and_evaluate(_config(cache_dir), tmp_path / "run")
     assert not _changed(trained["params"][-1], _checkpoint_params(tmp_path / "run", end))
 
 
@@ -205,11 +206,11 @@ def test_bad_config_and_input_errors(tmp_path, cache_dir):
     config.train.phases = [*config.train.phases[:2], dict(name="ae2", epochs=1, lr=1e-3, objective="reconstruction",
                                                           layer=len(HIDDEN))]
     with pytest.raises(JaxmedError, match=r"phase ae2 pretrains layer 2, but the jaxmed_sae model has layers 0\.\.1"):
-        train.train_and_evaluate(config, tmp_path / "sae")
+        experiment.train_and_evaluate(config, tmp_path / "sae")
     config = tiny_config.get_config()  # a ViT has nothing to reconstruct
     config.data.cache_dir = cache_dir
     config.train.steps = 0
     config.train.phases = [dict(name="ae", epochs=1, lr=1e-3, objective="reconstruction", layer=0)]
     with pytest.raises(JaxmedError, match="no reconstruction loss"):
-        train.train_and_evaluate(config, tmp_path / "vit")
+        experiment.train_and_evaluate(config, tmp_path / "vit")
     assert not (tmp_path / "sae/checkpoints").exists()

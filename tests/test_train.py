@@ -10,7 +10,7 @@ from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClass
 
 import tiny_config
 from jaxmed import data as jdata
-from jaxmed import train
+from jaxmed import experiment, train
 from jaxmed.convert import TABLES
 from jaxmed.errors import JaxmedError
 
@@ -51,7 +51,7 @@ def test_cross_entropy_matches_torch():
 
 def test_decay_mask_equals_hf_trainer(tmp_path):
     from flax import nnx
-    from jaxmed import optim
+    from jaxmed.train import optim
     from jaxmed.models import ViT
 
     config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
@@ -86,7 +86,7 @@ def test_per_step_losses_match_the_hf_trainer(tmp_path, cache_dir):
     config.model.init_from = str(tmp_path / "hf")
     config.model.preprocessor = {}
     config.data.augment.enabled = False
-    train.train_and_evaluate(config, tmp_path / "run")
+    experiment.train_and_evaluate(config, tmp_path / "run")
     ours = _losses(tmp_path / "run")
 
     preprocessor = jdata.Preprocessor.from_pretrained(tmp_path / "hf")
@@ -115,7 +115,7 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path, cache_dir):
     results = {}
     for name, (data, fsdp) in {"1": (1, 1), "data8": (8, 1), "data4_fsdp2": (4, 2)}.items():
         config = _config(cache_dir, train__steps=6, mesh__data=data, mesh__fsdp=fsdp)
-        train.train_and_evaluate(config, tmp_path / name)
+        experiment.train_and_evaluate(config, tmp_path / name)
         results[name] = _losses(tmp_path / name)
     assert len(results["1"]) == 6
     for name in ("data8", "data4_fsdp2"):
@@ -125,14 +125,14 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path, cache_dir):
 
 def test_same_seed_same_numbers(tmp_path, cache_dir):
     for name in ("a", "b"):
-        train.train_and_evaluate(_config(cache_dir, train__steps=4), tmp_path / name)
+        experiment.train_and_evaluate(_config(cache_dir, train__steps=4), tmp_path / name)
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path, cache_dir):
     config = _config(cache_dir, train__steps=6, optim__lr=1e12, optim__clip_norm=0.0, optim__name="sgd")
     with pytest.raises(JaxmedError, match=r"loss became .* at step \d+"):
-        train.train_and_evaluate(config, tmp_path / "run")
+        experiment.train_and_evaluate(config, tmp_path / "run")
     assert any((tmp_path / "run/checkpoints").iterdir())
 
 
@@ -140,7 +140,7 @@ def test_bad_model_name_is_a_clear_error(tmp_path, cache_dir):
     config = _config(cache_dir)
     config.model.name = "bert"
     with pytest.raises(JaxmedError, match="not a jaxmed model"):
-        train.train_and_evaluate(config, tmp_path / "run")
+        experiment.train_and_evaluate(config, tmp_path / "run")
 
 
 def _checkpoint_params(workdir, step):
@@ -165,7 +165,7 @@ def _hf_dir(tmp_path):
 
 
 def test_phases_train_the_head_first_then_everything(tmp_path, cache_dir):
-    from jaxmed.models import from_pretrained
+    from jaxmed.convert import from_pretrained
 
     config = _config(cache_dir, train__steps=0, train__eval_every_steps=0)
     config.model.init_from = _hf_dir(tmp_path)
@@ -173,7 +173,7 @@ def test_phases_train_the_head_first_then_everything(tmp_path, cache_dir):
     config.train.phases = [dict(name="head", epochs=1, lr=1e-2, trainable=("classifier",)),
                            dict(name="all", epochs=1, lr=1e-3, trainable=())]
     config.train.keep_best = 1
-    train.train_and_evaluate(config, tmp_path / "run")
+    experiment.train_and_evaluate(config, tmp_path / "run")
     steps = sorted(int(p.name) for p in (tmp_path / "run/checkpoints").iterdir() if p.name.isdigit())
     end_of_head, end = steps[-2], steps[-1]
     initial = from_pretrained(config.model.init_from)
@@ -192,7 +192,7 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, cache_dir):
         config.model.hf_config.hidden_dropout_prob = 0.0
         config.model.hf_config.attention_probs_dropout_prob = 0.0
         config.data.augment.enabled = False
-        train.train_and_evaluate(config, tmp_path / name)
+        experiment.train_and_evaluate(config, tmp_path / name)
         return _checkpoint_params(tmp_path / name, steps)
 
     large, accumulated = run("large", 8, 1, 3), run("accumulated", 4, 2, 6)
@@ -205,7 +205,7 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, cache_dir):
 def test_bf16_compute_keeps_fp32_weights(tmp_path, cache_dir):
     config = _config(cache_dir, train__steps=3, train__eval_every_steps=100)
     config.model.dtype = "bfloat16"
-    train.train_and_evaluate(config, tmp_path / "run")
+    experiment.train_and_evaluate(config, tmp_path / "run")
     assert all(np.isfinite(v) for v in _losses(tmp_path / "run").values())
     assert all(v.dtype == np.float32 for v in _checkpoint_params(tmp_path / "run", 3).values())
 
@@ -214,6 +214,6 @@ def test_early_stopping_ends_the_run_after_patience_evaluations(tmp_path, cache_
     """lr 0: validation never improves after the first evaluation, so patience 2 stops at the third."""
     config = _config(cache_dir, train__steps=40, train__eval_every_steps=2, train__early_stopping_patience=2,
                      optim__lr=0.0)
-    result = train.train_and_evaluate(config, tmp_path / "run")
+    result = experiment.train_and_evaluate(config, tmp_path / "run")
     assert result["steps"] == 6 and [h["step"] for h in result["history"]] == [2, 4, 6]
     assert (tmp_path / "run/checkpoints/6").exists()  # the stopping point is saved

@@ -6,7 +6,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification
 
 from hf_utils import assert_grads_close, images, jax_grads, nhwc, save_hf, torch_grads, torch_logits
-from jaxmed.models import from_pretrained
+from jaxmed.convert import from_pretrained
 
 SMALL = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, image_size=32,
              patch_size=8, num_labels=5)

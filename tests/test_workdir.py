@@ -3,8 +3,8 @@
 import json
 import os
 
-from jaxmed.checkpoint import workdir_path
-from jaxmed.metrics_writer import MetricsWriter
+from jaxmed.train.checkpoint import workdir_path
+from jaxmed.train.metrics_writer import MetricsWriter
 
 
 def test_workdir_path_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch):

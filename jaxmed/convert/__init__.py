@@ -1,12 +1,7 @@
-"""HF ⇄ Flax conversion: one table per architecture, keyed by HF `model_type`."""
+"""HF ⇄ Flax conversion: one declarative table per architecture (tables.py), the generic converter (core.py), and
+Hugging Face model directories in and out (hub.py: from_pretrained, save_pretrained)."""
 
-from jaxmed.convert import cvt, efficientnet, resnet, sae, vit
+from jaxmed.convert.hub import from_pretrained, save_pretrained
+from jaxmed.convert.tables import TABLES
 
-# model_type → (Table, default preprocessor_config.json)
-TABLES = {
-    "vit": (vit.TABLE, vit.PREPROCESSOR),
-    "resnet": (resnet.TABLE, resnet.PREPROCESSOR),
-    "cvt": (cvt.TABLE, cvt.PREPROCESSOR),
-    "efficientnet": (efficientnet.TABLE, efficientnet.PREPROCESSOR),
-    "jaxmed_sae": (sae.TABLE, sae.PREPROCESSOR),
-}
+__all__ = ["TABLES", "from_pretrained", "save_pretrained"]

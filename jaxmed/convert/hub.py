@@ -1,7 +1,4 @@
-"""Read and write Hugging Face model directories: config.json, safetensors weights, preprocessor_config.json.
-
-jaxmed.models re-exports this module's API, so it imports jaxmed.models only inside functions (no import cycle).
-"""
+"""Read and write Hugging Face model directories: config.json, safetensors weights, preprocessor_config.json."""
 
 from __future__ import annotations
 
@@ -16,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from jaxmed.convert import TABLES
+from jaxmed.convert.tables import TABLES
 from jaxmed.convert.core import to_flax, to_hf
 from jaxmed.errors import JaxmedError
+from jaxmed.models import MODELS
+from jaxmed.models.layers import Static
 
 log = logging.getLogger("jaxmed.convert")
 
@@ -52,8 +51,6 @@ def resolve(src: str | Path) -> Path:
 
 def read_config(path: Path):
     """config.json → the transformers config class of a supported architecture."""
-    from jaxmed.models import MODELS
-
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -221,9 +218,6 @@ def build_with_weights(model_class, config, values: dict[str, np.ndarray], *, dt
 def from_pretrained(src, num_labels: int | None = None, id2label: dict | None = None,
                     label2id: dict | None = None, *, dtype=None, seed: int = 0):
     """Load an HF image classifier (local directory or hub id) as a jaxmed model, in eval mode like HF."""
-    from jaxmed.models import MODELS
-    from jaxmed.models.layers import Static
-
     path = resolve(src)
     config = read_config(path)
     relabelled = relabel(config, num_labels, id2label, label2id)

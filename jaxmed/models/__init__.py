@@ -17,7 +17,4 @@ MODELS = {
     "jaxmed_sae": (SAEConfig, SAE),  # ours: no transformers class (see jaxmed/models/sae.py for the format)
 }
 
-# The public conversion API lives with the tables; re-exported here because users think of it as the models'.
-from jaxmed.convert.hub import from_pretrained, save_pretrained  # noqa: E402
-
-__all__ = ["MODELS", "CvT", "EfficientNet", "ResNet", "SAE", "SAEConfig", "ViT", "from_pretrained", "save_pretrained"]
+__all__ = ["MODELS", "CvT", "EfficientNet", "ResNet", "SAE", "SAEConfig", "ViT"]

@@ -43,6 +43,12 @@ class Checkpoints:
                                                  cleanup_tmp_directories=True),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
+    @classmethod
+    def for_run(cls, workdir, train_config, *, async_saves: bool = False) -> "Checkpoints":
+        """The checkpoints of a run with this `train` config section (best kept by its metric)."""
+        return cls(workdir, keep_best=train_config.keep_best, best_metric=train_config.best_metric,
+                   best_mode=train_config.best_mode, async_saves=async_saves)
+
     def save_latest(self, step: int, state, iterator, meta: dict, *, force: bool = False) -> bool:
         saved = self.latest.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),

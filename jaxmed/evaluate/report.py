@@ -18,53 +18,20 @@ import sys
 import jax
 import numpy as np
 
-from jaxmed import figures, metrics
+from jaxmed import train
+from jaxmed.config import load_run_config
+from jaxmed.evaluate import figures, metrics
 from jaxmed.errors import JaxmedError
 
 log = logging.getLogger("jaxmed.evaluate")
 
 
-def load_config(workdir):
-    """The run's resolved config (W/config.json) over today's defaults, so older runs gain new keys."""
-    import ml_collections
-
-    from jaxmed.config import base_config
-
-    path = workdir / "config.json"
-    if not path.exists():
-        raise JaxmedError(f"no config.json in {workdir}: is this a jaxmed run directory (--workdir of jaxmed.main)?")
-    config = base_config()
-    _merge(config, json.loads(path.read_text()))
-    return config
-
-
-def _merge(node, values: dict) -> None:
-    for key, value in values.items():
-        if isinstance(value, dict) and key in node and hasattr(node[key], "keys") and key != "hf_config":
-            _merge(node[key], value)
-        else:
-            node[key] = value
-
-
-def placed_weights(run, flat: dict) -> tuple:
-    """{dotted path: array} → the run's (params, stats) states, each leaf on its shards."""
-    from jaxmed import optim
-
-    def state(name):
-        tree = jax.tree_util.tree_map_with_path(lambda path, _: flat[optim.dotted(path)], run.abstract[name])
-        return jax.device_put(tree, run.shardings[name])
-
-    return state("params"), state("stats")
-
-
 def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "best") -> dict:
     """Predict `split_name` with a checkpoint (the best by validation unless told) and write everything."""
-    from jaxmed import train
-
     if split_name not in run.dataset.splits:
         raise JaxmedError(f"no {split_name!r} split in this dataset; it has {', '.join(run.dataset.splits)}")
     flat, _, source = checkpoints.restore_flat_weights(which)
-    params, stats = placed_weights(run, flat)
+    params, stats = train.place_weights(run, flat)
     names, ec = run.dataset.class_names, run.config.eval
 
     def probabilities(split):
@@ -198,7 +165,8 @@ def _explanations(run, out, split, indices, labels, flat: dict) -> None:
     from flax import nnx
 
     from jaxmed import data as jdata
-    from jaxmed import explain, optim
+    from jaxmed.evaluate import explain
+    from jaxmed.train import optim
 
     per_class = run.config.eval.explain_per_class
     if not per_class or run.spec.hf_config.model_type not in explain.EXPLAINED:
@@ -218,14 +186,12 @@ def _explanations(run, out, split, indices, labels, flat: dict) -> None:
 
 def evaluate_workdir(workdir, split: str = "test", which: str = "best") -> dict:
     """The CLI's work: rebuild the run from W/config.json, then `evaluate_run`."""
-    from jaxmed import train
-    from jaxmed.checkpoint import Checkpoints, workdir_path
+    from jaxmed.train.checkpoint import Checkpoints, workdir_path
 
     workdir = workdir_path(workdir)
-    config = load_config(workdir)
+    config = load_run_config(workdir)
     run = train.setup(config, workdir)
-    checkpoints = Checkpoints(workdir, keep_best=config.train.keep_best, best_metric=config.train.best_metric,
-                              best_mode=config.train.best_mode, async_saves=False)
+    checkpoints = Checkpoints.for_run(workdir, config.train)
     try:
         return evaluate_run(run, checkpoints, train.make_eval_step(run), split, which)
     finally:
@@ -240,11 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test", help="test (default) or val")
     parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from jaxmed.main import maybe_initialize_distributed
+    from jaxmed.distributed import maybe_initialize_distributed, setup_logging
 
+    setup_logging()
     try:
         maybe_initialize_distributed()
         report = evaluate_workdir(args.workdir, args.split, args.checkpoint)
@@ -253,7 +217,3 @@ def main(argv=None) -> int:
         return 2
     print(json.dumps({k: report[k] for k in ("split", "checkpoint", "accuracy", "balanced_accuracy")}), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

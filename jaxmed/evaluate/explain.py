@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmed.errors import JaxmedError
-from jaxmed.figures import overlay
+from jaxmed.evaluate.figures import overlay
 from jaxmed.models import CvT, EfficientNet, ResNet, ViT
 
 HEAD_FUSIONS = ("mean", "max", "min")

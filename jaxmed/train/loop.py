@@ -1,0 +1,183 @@
+"""The training loop, top to bottom: set-up → state (fresh or resumed) → jitted steps → validation, best and latest
+checkpoints, preemption → the run's result. Evaluation on test follows in jaxmed.experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmed import data as jdata
+from jaxmed.errors import JaxmedError
+from jaxmed.train import mesh as jmesh
+from jaxmed.train.checkpoint import Checkpoints, workdir_path
+from jaxmed.train.metrics_writer import MetricsWriter, progress_bar
+from jaxmed.train.run import (Run, abstract_state, init_state, make_eval_step, optimizer, phase_index, predict, setup,
+                              with_optimizer)
+from jaxmed.train.step import make_train_step
+
+log = logging.getLogger("jaxmed.train")
+
+
+def validation_metrics(labels: np.ndarray, logits: np.ndarray, class_names: list[str]) -> dict:
+    """What the best checkpoint can be chosen by: accuracy, loss, balanced accuracy, F1, recall/<class>."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
+
+    predictions = logits.argmax(-1)
+    log_probs = jax.nn.log_softmax(jnp.asarray(logits))
+    loss = float(-jnp.mean(jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None], 1)))
+    return {"accuracy": float(np.mean(predictions == labels)), "loss": loss,
+            "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+            "f1_macro": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+            "f1_weighted": float(f1_score(labels, predictions, average="weighted", zero_division=0)),
+            **{f"recall/{name}": float(value) for name, value in zip(class_names, recall_score(
+                labels, predictions, labels=list(range(len(class_names))), average=None, zero_division=0))}}
+
+
+class _Preemption:
+    """SIGTERM (spot VM reclaimed, scheduler eviction) → save at the next step and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1:  # multi-host: jax.distributed's preemption notifier + orbax sync instead
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config, workdir, run: Run | None = None) -> dict:
+    """Train (resuming from W/checkpoints when present) and keep the best checkpoints by validation.
+
+    → {"steps", "history", "run", "eval_step"}, or {"preempted_at": step} after a SIGTERM (saved; rerun resumes).
+    """
+    workdir = workdir_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = run or setup(config, workdir)
+    tc = config.train
+    checkpoints = Checkpoints.for_run(workdir, tc, async_saves=tc.async_checkpoints)
+    train_split = run.dataset.splits["train"]
+    val_split = run.dataset.splits.get("val")
+    if val_split is not None and tc.best_metric not in validation_metrics(
+            val_split.labels[:2], np.zeros((2, len(run.dataset.class_names))), run.dataset.class_names):
+        raise JaxmedError(f"train.best_metric={tc.best_metric!r} is not a validation metric; choose accuracy, loss, "
+                          f"balanced_accuracy, f1_macro, f1_weighted or recall/<class> with a class of "
+                          f"{run.dataset.class_names}")
+    iterator = jdata.host_train_iterator(
+        train_split, run.preprocessor, batch_size=tc.batch_size, shards=config.data.shards or jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed,
+        augment_settings=config.data.augment, balanced=config.data.balanced_sampling,
+        num_workers=config.data.num_workers)
+    class_weights = (jnp.asarray(jdata.class_weights(train_split.labels, len(run.dataset.class_names)))
+                     if tc.class_weighted_loss else None)
+    meta = {"class_names": run.dataset.class_names, "model_type": run.spec.hf_config.model_type,
+            "hf_config": run.spec.hf_config.to_dict(), "preprocessor": run.spec.preprocessor,
+            "config": json.loads(config.to_json_best_effort())}
+    start = checkpoints.latest_step()
+    if start is not None:
+        # the phase that wrote the checkpoint: one saved at a phase's last step holds that phase's optimizer state
+        # (the loop then starts the next phase's fresh optimizer)
+        phase = phase_index(run, max(start - 1, 0))
+        state, _ = checkpoints.restore_latest(start, abstract_state(run, phase), iterator)
+        log.info("resuming from step %d (%s/checkpoints/%d)", start, workdir, start)
+    else:
+        phase, start = 0, 0
+        state = init_state(run, phase)
+    total = run.phase_steps[-1]
+    writer = MetricsWriter(workdir)
+    tx, lr = optimizer(run, phase, state["params"])
+    train_step = make_train_step(run, tx, class_weights, run.phases[phase])
+    eval_step = make_eval_step(run)
+    eval_every = tc.eval_every_steps or run.steps_per_epoch
+    best, stale, history = None, 0, []
+    sharding = jmesh.batch_sharding(run.mesh)
+    bar = progress_bar(total, start)
+    step, started, pending = start, time.perf_counter(), []
+    with _Preemption() as preemption:
+        while step < total:
+            if phase_index(run, step) != phase:  # a new phase starts a fresh optimizer, as a new HF Trainer
+                if pending:  # log the last phase's steps under its own objective and learning rate
+                    _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, state, iterator, meta)
+                    started, pending = time.perf_counter(), []
+                phase = phase_index(run, step)
+                log.info("phase %s from step %d", run.phases[phase].name, step)
+                state = with_optimizer(run, phase, state["params"], state["stats"], step)
+                tx, lr = optimizer(run, phase, state["params"])
+                train_step = make_train_step(run, tx, class_weights, run.phases[phase])
+            batch = next(iterator)
+            batch = jmesh.global_batch({"image": batch["image"], "label": batch["label"]}, sharding)
+            state, metrics = train_step(state, batch)
+            step += 1
+            pending.append(metrics)
+            if step % tc.log_every_steps == 0 or step == total:
+                _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, state, iterator, meta)
+                started, pending = time.perf_counter(), []
+            if val_split is not None and (step % eval_every == 0 or step == total):
+                indices, logits = predict(run, eval_step, state["params"], state["stats"], val_split)
+                metrics = validation_metrics(val_split.labels[indices], logits, run.dataset.class_names)
+                writer.write(step, {f"val/{k}": v for k, v in metrics.items()})
+                history.append({"step": step, **metrics})
+                bar.write(f"step {step}: val " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                         if not k.startswith("recall/")))
+                # in a reconstruction (pretraining) phase the head is untrained: its metrics choose no checkpoint
+                if run.phases[phase].objective == "classification":
+                    checkpoints.save_best(step, {"params": state["params"], "stats": state["stats"]},
+                                          dict(meta, step=step, val=metrics), metrics)
+                    value = metrics[tc.best_metric] * (1 if tc.best_mode == "max" else -1)
+                    best, stale = (value, 0) if best is None or value > best else (best, stale + 1)
+                if tc.early_stopping_patience and stale >= tc.early_stopping_patience:
+                    log.info("early stopping at step %d: no better %s for %d evaluations", step, tc.best_metric,
+                             stale)
+                    checkpoints.save_latest(step, state, iterator, dict(meta, step=step), force=True)
+                    break
+            if step % run.steps_per_epoch == 0 or step == total:
+                checkpoints.save_latest(step, state, iterator, dict(meta, step=step))
+            if preemption.requested or (jax.process_count() > 1 and checkpoints.reached_preemption(step)):
+                checkpoints.save_latest(step, state, iterator, dict(meta, step=step), force=True)
+                checkpoints.close()
+                bar.close()
+                print(f"preempted at step {step}: saved {workdir}/checkpoints/{step}; run the same command "
+                      "again to resume", flush=True)
+                return {"preempted_at": step}
+    bar.close()
+    checkpoints.close()
+    writer.close()
+    return {"steps": step, "history": history, "run": run, "eval_step": eval_step}
+
+
+def _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, state, iterator, meta):
+    values = jax.device_get(pending)
+    losses = np.array([v["loss"] for v in values])
+    if not np.all(np.isfinite(losses)):
+        bad = step - len(values) + int(np.argmin(np.isfinite(losses)))
+        checkpoints.save_latest(step, state, iterator, dict(meta, step=step, nonfinite_at=bad), force=True)
+        checkpoints.close()
+        raise JaxmedError(f"loss became {losses[~np.isfinite(losses)][0]} at step {bad + 1}; saved step {step} in "
+                          f"{run.workdir}/checkpoints for inspection — lower optim.lr or enable optim.clip_norm")
+    images_per_second = len(values) * run.config.train.batch_size / max(time.perf_counter() - started, 1e-9)
+    current_lr = float(lr(max(0, (step - (run.phase_steps[phase - 1] if phase else 0)) //
+                              run.config.train.grad_accumulation - 1)))
+    # a reconstruction phase's loss is an MSE: its own curve, not a stretch of the cross-entropy's
+    loss_name = "train/loss" if run.phases[phase].objective == "classification" else "train/reconstruction_loss"
+    summary = {loss_name: float(losses.mean()), "train/grad_norm": float(np.mean([v["grad_norm"] for v in values])),
+               "train/lr": current_lr, "train/images_per_second": images_per_second,
+               "train/epoch": step / run.steps_per_epoch}
+    if "accuracy" in values[0]:
+        summary["train/accuracy"] = float(np.mean([v["accuracy"] for v in values]))
+    writer.write(step, summary)
+    bar.update(len(values))
+    bar.set_postfix(loss=f"{summary[loss_name]:.4f}", lr=f"{current_lr:.2e}", img_s=f"{images_per_second:.1f}")

@@ -1,0 +1,242 @@
+"""The shared run set-up: model spec, data, mesh and the sharded (abstract) state, built once from a config, and
+the jitted eval step that predicts a split. Training, evaluation, prediction and cross-validation all start here.
+
+State is a plain pytree {params, stats, opt, step} sharded over the mesh; the model's graph is split once and
+merged inside the jitted steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx, traverse_util
+
+from jaxmed import data as jdata
+from jaxmed.convert import TABLES, hub
+from jaxmed.errors import JaxmedError
+from jaxmed.train import mesh as jmesh
+from jaxmed.train import optim
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """What to build: the HF config (labels set), its preprocessor, and where pretrained weights come from."""
+
+    hf_config: object
+    preprocessor: dict
+    checkpoint: Path | None
+    relabelled: bool = False
+
+
+def model_spec(config) -> ModelSpec:
+    from jaxmed.models import MODELS
+
+    if config.model.init_from:
+        path = hub.resolve(config.model.init_from)
+        hf_config = hub.read_config(path)
+        preprocessor = hub.read_preprocessor(path, hf_config.model_type)
+    else:
+        if config.model.name not in MODELS:
+            raise JaxmedError(f"model.name={config.model.name!r} is not a jaxmed model; choose one of "
+                              f"{', '.join(sorted(MODELS))}")
+        config_class, _ = MODELS[config.model.name]
+        hf_config = config_class(**config.model.hf_config.to_dict())
+        preprocessor = dict(TABLES[hf_config.model_type][1])
+        path = None
+    preprocessor.update(config.model.preprocessor.to_dict())
+    return ModelSpec(hf_config, preprocessor, path)
+
+
+def build_model(spec: ModelSpec, dtype, seed: int):
+    from jaxmed.models import MODELS
+
+    _, model_class = MODELS[spec.hf_config.model_type]
+    return model_class(spec.hf_config, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built once."""
+
+    config: object
+    workdir: epath.Path  # local or gs://
+    spec: ModelSpec
+    dataset: jdata.Dataset
+    preprocessor: jdata.Preprocessor
+    mesh: jax.sharding.Mesh
+    graph_train: object
+    graph_eval: object
+    rest: object  # the model's non-parameter, non-statistics state (rng streams), replicated
+    shardings: dict
+    abstract: dict  # {"params", "stats"}: ShapeDtypeStructs of the weights
+    layernorms: frozenset
+    steps_per_epoch: int
+    phases: list
+    phase_steps: list  # global step at which each phase ends
+
+
+def _split(model):
+    return nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+
+
+def setup(config, workdir) -> Run:
+    spec = model_spec(config)
+    preprocessor = jdata.Preprocessor.from_config(spec.preprocessor)
+    dataset = jdata.load_dataset(config.data, preprocessor)
+    names = dataset.class_names
+    spec.relabelled = hub.relabel(spec.hf_config, len(names), {i: n for i, n in enumerate(names)})
+    mesh = jmesh.make_mesh(config.mesh.data, config.mesh.fsdp)
+    if config.train.batch_size % (mesh.size // jax.process_count() * jax.process_count()):
+        raise JaxmedError(f"train.batch_size={config.train.batch_size} must be divisible by the {mesh.size} devices")
+    dtype = jnp.dtype(config.model.dtype)
+    abstract = nnx.eval_shape(lambda: build_model(spec, dtype, config.seed))
+    plan = optim.phases(config)
+    _check_reconstruction_phases(plan, abstract, spec.hf_config.model_type)
+    layernorms = optim.layernorm_paths(abstract)
+    abstract.eval()
+    graph_eval, *_ = _split(abstract)
+    abstract.train()
+    graph_train, params, stats, rest = _split(abstract)
+    shardings = {"params": jmesh.tree_shardings(mesh, params), "stats": jmesh.tree_shardings(mesh, stats)}
+    train_split = dataset.splits["train"]
+    steps_per_epoch = jdata.steps_per_epoch(train_split, config.train.batch_size)
+    if config.train.steps:
+        plan = [dataclasses.replace(plan[0], epochs=config.train.steps / steps_per_epoch)]
+    ends, total = [], 0
+    for phase in plan:
+        total += max(1, round(phase.epochs * steps_per_epoch))
+        ends.append(total)
+    rest = jax.jit(lambda: _split(build_model(spec, dtype, config.seed))[3],
+                   out_shardings=jmesh.replicated(mesh))()
+    return Run(config, workdir, spec, dataset, preprocessor, mesh, graph_train, graph_eval, rest, shardings,
+               {"params": params, "stats": stats}, layernorms, steps_per_epoch, plan, ends)
+
+
+def _check_reconstruction_phases(plan, model, model_type: str) -> None:
+    """Before any training: a bad layer would otherwise surface only when its phase starts, maybe hours in."""
+    layers = getattr(model, "reconstruction_layers", 0)  # models with a reconstruction_loss(pixels, layer)
+    for phase in plan:
+        if phase.objective != "reconstruction":
+            continue
+        if not layers:
+            raise JaxmedError(f"phase {phase.name} has objective 'reconstruction' but a {model_type} model has no "
+                              "reconstruction loss; only the stacked autoencoder (model.name='jaxmed_sae') has one")
+        if not 0 <= phase.layer < layers:
+            raise JaxmedError(f"phase {phase.name} pretrains layer {phase.layer}, but the {model_type} model has "
+                              f"layers 0..{layers - 1}")
+
+
+def phase_index(run: Run, step: int) -> int:
+    return next((i for i, end in enumerate(run.phase_steps) if step < end), len(run.phase_steps) - 1)
+
+
+def optimizer(run: Run, index: int, params):
+    start = run.phase_steps[index - 1] if index else 0
+    accumulation = run.config.train.grad_accumulation
+    updates = max(1, (run.phase_steps[index] - start) // accumulation)
+    return optim.make_optimizer(run.config.optim, run.phases[index], updates, params,
+                                run.spec.hf_config.model_type, run.layernorms, accumulation)
+
+
+def init_state(run: Run, phase: int):
+    """Parameters created already sharded (eval_shape → shardings → jit(init)); pretrained weights go straight
+    into that layout, each host filling only its own shards from the checkpoint file."""
+    config, dtype = run.config, jnp.dtype(run.config.model.dtype)
+
+    def init_weights():
+        _, params, stats, _ = _split(build_model(run.spec, dtype, config.seed))
+        return params, stats
+
+    params, stats = jax.jit(init_weights, out_shardings=(run.shardings["params"], run.shardings["stats"]))()
+    if run.spec.checkpoint is not None:
+        params, stats = _load_pretrained(run, params, stats)
+    return with_optimizer(run, phase, params, stats, step=0)
+
+
+def with_optimizer(run: Run, phase: int, params, stats, step: int):
+    tx, _ = optimizer(run, phase, params)
+    opt_shardings = jmesh.tree_shardings(run.mesh, jax.eval_shape(tx.init, params))
+    opt = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    return {"params": params, "stats": stats, "opt": opt,
+            "step": jax.device_put(jnp.asarray(step, jnp.int32), jmesh.replicated(run.mesh))}
+
+
+def _load_pretrained(run: Run, params, stats):
+    tensors = hub.load_state_dict(run.spec.checkpoint)
+    groups = {name: traverse_util.flatten_dict(nnx.to_pure_dict(group))
+              for name, group in (("params", params), ("stats", stats))}
+    expected = {_dotted(key): (leaf.shape, leaf.dtype) for flat in groups.values() for key, leaf in flat.items()}
+    values = hub.convert_checkpoint(tensors, expected, run.spec.hf_config.model_type,
+                                    num_labels=run.spec.hf_config.num_labels, allow_head_mismatch=run.spec.relabelled)
+
+    def place(key, array):
+        value = values.get(_dotted(key))
+        if value is None:  # a re-initialised head keeps its fresh, sharded init
+            return array
+        return jax.make_array_from_callback(array.shape, array.sharding, lambda index: value[index])
+
+    for name, group in (("params", params), ("stats", stats)):
+        nnx.replace_by_pure_dict(group, traverse_util.unflatten_dict(
+            {key: place(key, leaf) for key, leaf in groups[name].items()}))
+    return params, stats
+
+
+def _dotted(key: tuple) -> str:
+    return ".".join(str(part) for part in key)
+
+
+def abstract_state(run: Run, phase: int) -> dict:
+    """Shapes, dtypes and shardings of the train state, for restoring without materialising anything."""
+    def sharded(tree):
+        shardings = jmesh.tree_shardings(run.mesh, tree)
+        return jax.tree.map(lambda leaf, sh: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sh), tree,
+                            shardings)
+
+    tx, _ = optimizer(run, phase, run.abstract["params"])
+    return {"params": sharded(run.abstract["params"]), "stats": sharded(run.abstract["stats"]),
+            "opt": sharded(jax.eval_shape(tx.init, run.abstract["params"])),
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=jmesh.replicated(run.mesh))}
+
+
+def make_eval_step(run: Run):
+    graph, rest = run.graph_eval, run.rest
+
+    def eval_step(params, stats, images):
+        model = nnx.merge(graph, params, stats, rest)
+        return model(jdata.model_inputs(images, run.preprocessor)).astype(jnp.float32)
+
+    return jax.jit(eval_step, in_shardings=(run.shardings["params"], run.shardings["stats"],
+                                            jmesh.batch_sharding(run.mesh)),
+                   out_shardings=jmesh.replicated(run.mesh))
+
+
+def predict(run: Run, eval_step, params, stats, split) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, logits) of every example of `split`, each exactly once, gathered from all hosts."""
+    sharding = jmesh.batch_sharding(run.mesh)
+    indices, logits = [], []
+    for batch in jdata.eval_batches(split, run.preprocessor, batch_size=run.config.train.eval_batch_size,
+                                    process_index=jax.process_index(), process_count=jax.process_count()):
+        images = jax.make_array_from_process_local_data(sharding, batch["image"])
+        index = jax.make_array_from_process_local_data(sharding, batch["index"])
+        out = eval_step(params, stats, images)
+        gathered = np.asarray(jax.jit(lambda x: x, out_shardings=jmesh.replicated(run.mesh))(index))
+        keep = gathered >= 0
+        indices.append(gathered[keep])
+        logits.append(np.asarray(out)[keep])
+    indices, logits = np.concatenate(indices), np.concatenate(logits)
+    order = np.argsort(indices)
+    return indices[order], logits[order]
+
+
+def place_weights(run: Run, flat: dict) -> tuple:
+    """{dotted path: array} (a checkpoint's host copy) → the run's (params, stats) states, each leaf on its shards."""
+    def state(name):
+        tree = jax.tree_util.tree_map_with_path(lambda path, _: flat[optim.dotted(path)], run.abstract[name])
+        return jax.device_put(tree, run.shardings[name])
+
+    return state("params"), state("stats")
