@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The tfds extra (TensorFlow, ~0.5 GB) only for the tests that prepare a TFDS dataset.
 $(VENV)/.installed-tfds: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[torch,dev,tfds]"
+	$(PY) -m pip install --quiet -e ".[torch,dev,tfds,dicom]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -46,7 +46,7 @@ def directory_for(source: Source, config, preprocessor: Preprocessor) -> Path:
         "geometry": {field: getattr(preprocessor, field) for field in GEOMETRY_FIELDS},
         "val_fraction": config.val_fraction, "split_seed": config.split_seed,
         "merge_train_val": config.merge_train_val, "drop_duplicates": config.drop_duplicates,
-        "near_duplicate_threshold": config.near_duplicate_threshold}
+        "near_duplicate_threshold": config.near_duplicate_threshold, "dicom_frame": config.get("dicom_frame", -1)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     return Path(config.cache_dir).expanduser() / f"{config.format}-{key[:16]}"
 

@@ -25,6 +25,7 @@ def default_config() -> ml_collections.ConfigDict:
     #                    count lets one host reproduce exactly the batches of a larger multi-host job
     config.num_workers = 0  # grain worker processes; 0 = in-process (threads)
     config.decode_threads = 0  # threads decoding files into the cache; 0 = one per core
+    config.dicom_frame = -1  # multi-frame DICOM: which frame; -1 = the middle one
 
     config.synthetic = ml_collections.ConfigDict()
     config.synthetic.size = 96

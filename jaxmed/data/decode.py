@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
-                            ".ppm", ".pbm", ".pnm"})
+                            ".ppm", ".pbm", ".pnm", ".dcm"})
 # Files and folders that operating systems and notebooks leave in datasets; they are never data.
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", ".ds_store", "__macosx", ".ipynb_checkpoints"})
 
@@ -30,8 +30,28 @@ def is_image_name(name: str) -> bool:
     return not is_junk(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def open_image(data: str | Path | bytes) -> Image.Image:
-    """Fully decodes a file path or encoded bytes (so truncation is caught here, not mid-epoch)."""
+def is_image_file(path: str | Path) -> bool:
+    """An image by its name, or a DICOM file by its 'DICM' preamble when the name says nothing: PACS exports name
+    files IM000001 or by their SOP Instance UID (1.2.840.…, whose "suffix" is digits). Only those are opened."""
+    path = Path(path)
+    if is_junk(path.name):
+        return False
+    if is_image_name(path.name):
+        return True
+    if path.suffix and not path.suffix[1:].isdigit():
+        return False
+    from jaxmed.data import dicom  # here, not at the top: dicom.py imports this module for UnreadableImage
+
+    return dicom.is_dicom(path)
+
+
+def open_image(data: str | Path | bytes, *, dicom_frame: int = -1) -> Image.Image:
+    """Fully decodes a file path or encoded bytes (so truncation is caught here, not mid-epoch). DICOM goes through
+    dicom.read (display windowing; `dicom_frame` of a multi-frame file, -1 = the middle one) to "L" or "RGB"."""
+    from jaxmed.data import dicom
+
+    if dicom.is_dicom(data):
+        return Image.fromarray(dicom.read(data, frame=dicom_frame))
     try:
         handle = io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")
         with handle:

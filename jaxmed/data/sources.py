@@ -82,7 +82,7 @@ def imagefolder(config) -> Source:
             labels += [class_names.index(name)] * len(files)
             stats += [(str(path.relative_to(root)), *_stat(path)) for path in files]
         splits[split] = SourceSplit([str(path) for path in paths], np.asarray(labels, np.int64),
-                                    _file_reader(paths), str(folder))
+                                    _file_reader(paths, config.get("dicom_frame", -1)), str(folder))
     return Source(f"imagefolder {root}", class_names, splits, {"root": str(root.resolve()), "files": _digest(stats)})
 
 
@@ -125,12 +125,13 @@ def _image_files(folder: Path) -> list[Path]:
     files = []
     for directory, subdirectories, names in os.walk(folder):
         subdirectories[:] = sorted(name for name in subdirectories if not decode.is_junk(name))
-        files += [Path(directory) / name for name in sorted(names) if decode.is_image_name(name)]
+        files += [Path(directory) / name for name in sorted(names)
+                  if decode.is_image_file(Path(directory) / name)]
     return files
 
 
-def _file_reader(paths: list[Path]) -> Callable[[int], Image.Image]:
-    return lambda index: decode.open_image(paths[index])
+def _file_reader(paths: list[Path], dicom_frame: int = -1) -> Callable[[int], Image.Image]:
+    return lambda index: decode.open_image(paths[index], dicom_frame=dicom_frame)
 
 
 def _stat(path: Path) -> tuple[int, int]:
