@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 10.0
     config.train.steps = 0  # > 0: train this many steps instead of train.epochs (single phase)
+    config.train.min_steps = 0  # > 0: stretch the epochs to at least this many steps (small datasets)
     config.train.batch_size = 16  # global, over all hosts and devices
     config.train.eval_batch_size = 64
     config.train.phases = ()  # list of {name, epochs, lr, trainable, objective, layer}; empty: one phase

@@ -44,13 +44,19 @@ def brisc(config):
     return config
 
 
+# Kermany file names carry the patient: person<N>_bacteria_<M>.jpeg and person<N>_virus_<M>.jpeg (the same N can
+# have both), IM-<N>-<M>.jpeg and NORMAL2-IM-<N>-<M>.jpeg. The leftmost match wins, so NORMAL2-IM-<N> is its own id.
+KERMANY_PATIENT = r"(?:^|/)(person\d+|NORMAL2-IM-\d+|IM-\d+)[_-][^/]*$"
+
+
 def kermany(config, init_from: str):
-    """Kermany chest X-ray: train+val merged and re-split 80/20 stratified, class-balanced sampling; phase 1 the
+    """Kermany chest X-ray: train+val merged and re-split 80/20 stratified by patient, class-balanced sampling; phase 1 the
     head only (AdamW 1e-3, 5 epochs), phase 2 everything (1e-4, 8 epochs); kept by pneumonia recall."""
     config.data.format = "imagefolder"
     config.data.root = "data/chest_xray"
     config.data.source = "download Kermany's chest X-ray images (Kaggle paultimothymooney/chest-xray-pneumonia)"
     config.data.merge_train_val = True
+    config.data.group_pattern = KERMANY_PATIENT  # re-split by patient: no patient on both sides of train/val
     config.data.val_fraction = 0.2
     config.data.split_seed = 42
     config.data.balanced_sampling = True

@@ -46,7 +46,9 @@ def directory_for(source: Source, config, preprocessor: Preprocessor) -> Path:
         "geometry": {field: getattr(preprocessor, field) for field in GEOMETRY_FIELDS},
         "val_fraction": config.val_fraction, "split_seed": config.split_seed,
         "merge_train_val": config.merge_train_val, "drop_duplicates": config.drop_duplicates,
-        "near_duplicate_threshold": config.near_duplicate_threshold, "dicom_frame": config.get("dicom_frame", -1)}
+        "near_duplicate_threshold": config.near_duplicate_threshold, "dicom_frame": config.get("dicom_frame", -1),
+        "group_pattern": config.get("group_pattern", ""), "strict": config.strict,
+        "cv": [config.get("cv_fold", -1), config.get("cv_folds", 0)]}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     return Path(config.cache_dir).expanduser() / f"{config.format}-{key[:16]}"
 
@@ -71,17 +73,23 @@ class _Items:
     index: np.ndarray  # index within that split
     labels: np.ndarray
     ids: list[str]
+    groups: np.ndarray | None  # patient id of each item (data.group_pattern), or None
 
 
 def build(directory: Path, source: Source, config, preprocessor: Preprocessor) -> None:
     counts = [len(part.ids) for part in source.splits.values()]
     items = _Items(np.repeat(list(source.splits), counts), np.concatenate([np.arange(count) for count in counts]),
                    np.concatenate([part.labels for part in source.splits.values()]).astype(np.int64),
-                   [item for part in source.splits.values() for item in part.ids])
-    carving = config.val_fraction > 0 and ("val" not in source.splits or config.merge_train_val)
-    becomes_train = (items.origin == "train") | ((items.origin == "val") & config.merge_train_val)
+                   [item for part in source.splits.values() for item in part.ids], None)
+    if config.get("group_pattern", ""):
+        names = [name for part in source.splits.values() for name in part.names()]
+        items.groups = splits.patient_groups(names, config.group_pattern, strict=config.strict)
+    folds = config.get("cv_folds", 0)
+    carving = config.val_fraction > 0 and ("val" not in source.splits or config.merge_train_val or folds)
+    merged = config.merge_train_val or bool(folds)
+    becomes_train = (items.origin == "train") | ((items.origin == "val") & merged)
     needs_train = becomes_train
-    needs_eval = ~becomes_train | ((items.origin == "train") & carving)
+    needs_eval = ~becomes_train | (becomes_train & (carving or bool(folds)))
     temporary = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temporary.mkdir(parents=True)
     try:
@@ -155,9 +163,12 @@ def _finish(temporary: Path, source: Source, items: _Items, decoded: _Decoded, c
     usable[list(decoded.errors)] = False
     _check_classes(source, items, usable)
     rows = splits.plan(items.origin, items.labels, usable, val_fraction=config.val_fraction,
-                       seed=config.split_seed, merge_train_val=config.merge_train_val)
+                       seed=config.split_seed, merge_train_val=config.merge_train_val, groups=items.groups,
+                       fold=config.get("cv_fold", -1), folds=config.get("cv_folds", 0))
     report, leaked = leakage.check(rows, decoded.pixel_hashes, decoded.phashes, decoded.thumbnails, items.ids,
                                    config.near_duplicate_threshold)
+    if items.groups is not None:
+        report["patients"] = leakage.shared_patients(rows, items.groups, items.ids, config.group_pattern)
     report["dropped_from_train"] = 0
     if config.drop_duplicates and len(leaked):
         rows["train"] = rows["train"][~np.isin(rows["train"], leaked)]
@@ -175,7 +186,8 @@ def _finish(temporary: Path, source: Source, items: _Items, decoded: _Decoded, c
         del images
         meta["splits"][split] = {"ids": [items.ids[row] for row in split_rows],
                                  "labels": items.labels[split_rows].tolist(),
-                                 "sizes": decoded.sizes[split_rows].tolist(), "model_ready": split != "train"}
+                                 "sizes": decoded.sizes[split_rows].tolist(), "model_ready": split != "train",
+                                 "groups": None if items.groups is None else items.groups[split_rows].tolist()}
     (temporary / "meta.json").write_text(json.dumps(meta))
     del decoded.train_pool, decoded.eval_pool
     for name in ("pool_train.npy", "pool_eval.npy"):

@@ -17,6 +17,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.class_names = ()  # names for sources that carry none (npz); empty: class_0, class_1, ...
     config.val_fraction = 0.2  # carved from train (stratified) when the source has no val split
     config.split_seed = 42
+    config.group_pattern = ""  # regex; its first group is the patient id in each image's path relative to its split
+    #                            folder: no patient on both sides of a carved split, shared patients reported
+    config.cv_folds = 0  # set by train.folds for each fold's run: hold out fold cv_fold of train+val as test
+    config.cv_fold = -1
     config.merge_train_val = False  # Kermany protocol: merge the given train+val, then re-split
     config.drop_duplicates = False  # drop train images that duplicate a val/test image
     config.near_duplicate_threshold = 4  # max Hamming distance of 64-bit pHashes (then confirmed); <0 disables

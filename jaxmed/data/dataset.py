@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import logging
 from pathlib import Path
@@ -26,6 +28,7 @@ class Split:
     model_ready: bool  # images are the model's eval input already (val/test); else the augmentation cache (train)
     path: str  # the .npy file, so worker processes re-open the memmap instead of receiving a pickled copy
     grayscale: bool = False  # the three channels are equal: augmentation warps one and replicates it
+    groups: list[str] | None = None  # patient id of each image (data.group_pattern), or None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -41,6 +44,18 @@ class Dataset:
 
     def summary(self) -> str:
         return splits.count_table(self.class_names, {name: split.labels for name, split in self.splits.items()})
+
+    def splits_csv(self) -> str:
+        """One row per image — id, split, class, group (patient id; empty without data.group_pattern) — so a reader
+        can audit the split; the same config and seed give the same text byte for byte."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["id", "split", "class", "group"])
+        for name, split in self.splits.items():
+            groups = split.groups or [""] * len(split)
+            for image_id, label, group in zip(split.ids, split.labels, groups):
+                writer.writerow([image_id, name, self.class_names[label], group])
+        return buffer.getvalue()
 
 
 def load_dataset(config, preprocessor: Preprocessor) -> Dataset:
@@ -58,6 +73,12 @@ def load_dataset(config, preprocessor: Preprocessor) -> Dataset:
                           f"{dataset.skipped[0]['id']} ({dataset.skipped[0]['error']}) — remove or replace them, "
                           "or set data.strict=False to skip them")
     log.info("%s: images per split and class\n%s", source.description, dataset.summary())
+    patients = dataset.leakage.get("patients")
+    if patients:
+        for pair, found in patients["pairs"].items():
+            if found["shared_patients"]:
+                log.warning("%s: %d patients have images in both %s (see %s/leakage.json)", source.description,
+                            found["shared_patients"], pair, directory)
     for pair, found in dataset.leakage.get("pairs", {}).items():
         if found["exact"] or found["near"]:
             log.warning("%s: %d exact and %d near-duplicate pairs across %s (see %s/leakage.json%s)",
@@ -73,6 +94,6 @@ def open_cache(directory: Path) -> Dataset:
         path = directory / f"{name}.npy"
         split_objects[name] = Split(name, np.load(path, mmap_mode="r"), np.asarray(entry["labels"], np.int32),
                                     entry["ids"], np.asarray(entry["sizes"], np.int32).reshape(-1, 2),
-                                    entry["model_ready"], str(path), meta["grayscale"])
+                                    entry["model_ready"], str(path), meta["grayscale"], entry.get("groups"))
     leakage_report = json.loads((directory / "leakage.json").read_text())
     return Dataset(split_objects, meta["class_names"], directory, meta["skipped"], leakage_report)

@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from jaxmed.data import dicom
+from jaxmed.errors import UnreadableImage  # noqa: F401 (re-exported: callers catch decode.UnreadableImage)
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
                             ".ppm", ".pbm", ".pnm", ".dcm"})
 # Files and folders that operating systems and notebooks leave in datasets; they are never data.
 JUNK_NAMES = frozenset({"thumbs.db", "desktop.ini", ".ds_store", "__macosx", ".ipynb_checkpoints"})
-
-
-class UnreadableImage(Exception):
-    """The file or bytes could not be decoded into an image; the message says why."""
 
 
 def is_junk(name: str) -> bool:
@@ -40,16 +39,12 @@ def is_image_file(path: str | Path) -> bool:
         return True
     if path.suffix and not path.suffix[1:].isdigit():
         return False
-    from jaxmed.data import dicom  # here, not at the top: dicom.py imports this module for UnreadableImage
-
     return dicom.is_dicom(path)
 
 
 def open_image(data: str | Path | bytes, *, dicom_frame: int = -1) -> Image.Image:
     """Fully decodes a file path or encoded bytes (so truncation is caught here, not mid-epoch). DICOM goes through
     dicom.read (display windowing; `dicom_frame` of a multi-frame file, -1 = the middle one) to "L" or "RGB"."""
-    from jaxmed.data import dicom
-
     if dicom.is_dicom(data):
         return Image.fromarray(dicom.read(data, frame=dicom_frame))
     try:

@@ -3,7 +3,7 @@
 Stored values are not display values: the modality LUT (RescaleSlope/Intercept, e.g. to Hounsfield units) comes
 first, then the VOI LUT or the window the file recommends (the first of several), else the values' own range;
 MONOCHROME1 is inverted after that, palette colour goes through its palette and YBR becomes RGB. Multi-frame files
-give one frame (the middle one unless told). Anything that is not an image becomes `decode.UnreadableImage` with
+give one frame (the middle one unless told). Anything that is not an image becomes `UnreadableImage` with
 a reason a person can act on. pydicom is imported only when a DICOM file turns up.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmed.data import decode
+from jaxmed.errors import UnreadableImage
 
 PREAMBLE_LENGTH = 128  # the 'DICM' magic follows a 128-byte preamble (PS3.10 7.1)
 PLUGIN_HINT = "pip install 'jaxmed[dicom]' (pylibjpeg and its JPEG / JPEG 2000 plugins)"
@@ -42,32 +42,32 @@ def read(data: str | Path | bytes, frame: int = -1) -> np.ndarray:
 
     dataset = _read_dataset(data)
     if not any(tag in dataset for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise decode.UnreadableImage(_no_pixels_reason(dataset))
+        raise UnreadableImage(_no_pixels_reason(dataset))
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if frame == -1:
         frame = frames // 2
     if not 0 <= frame < frames:
-        raise decode.UnreadableImage(f"frame {frame} asked for (data.dicom_frame) but the file has {frames} "
+        raise UnreadableImage(f"frame {frame} asked for (data.dicom_frame) but the file has {frames} "
                                      f"frame(s), 0..{frames - 1}; use -1 for the middle one")
     _check_decoder(dataset, pixels)
     try:
         stored = pixels.pixel_array(dataset, index=frame)  # YBR_* comes back as RGB (as_rgb=True)
     except (ValueError, EOFError) as error:  # pydicom: "number of bytes of pixel data is less than expected"
-        raise decode.UnreadableImage(f"truncated or corrupt DICOM pixel data: {error}") from None
+        raise UnreadableImage(f"truncated or corrupt DICOM pixel data: {error}") from None
     except Exception as error:
-        raise decode.UnreadableImage(f"cannot decode the DICOM pixel data ({type(error).__name__}: {error})") from None
+        raise UnreadableImage(f"cannot decode the DICOM pixel data ({type(error).__name__}: {error})") from None
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
         return _palette(stored, dataset, pixels)
     if stored.ndim == 3:
         if stored.shape[2] != 3:
-            raise decode.UnreadableImage(f"{stored.shape[2]} samples per pixel ({photometric}): only gray, RGB, "
+            raise UnreadableImage(f"{stored.shape[2]} samples per pixel ({photometric}): only gray, RGB, "
                                          "YBR and palette colour DICOM images are supported")
         # Colour values are intensities on the stored bit depth; LUTs and windows are for gray images only.
         top = 2 ** int(dataset.get("BitsStored", stored.dtype.itemsize * 8)) - 1
         return _to_uint8(stored.astype(np.float64) * 255.0 / top)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise decode.UnreadableImage(f"photometric interpretation {photometric!r} is not supported")
+        raise UnreadableImage(f"photometric interpretation {photometric!r} is not supported")
     _lift_functional_groups(dataset, frame)
     display = _display_gray(pixels.apply_modality_lut(stored, dataset), dataset, pixels)
     if photometric == "MONOCHROME1":  # minimum is white (PS3.3 C.7.6.3.1.2); inverted after the window
@@ -83,7 +83,7 @@ def _read_dataset(data: str | Path | bytes):
         with handle:
             head = handle.read(PREAMBLE_LENGTH + 4)
             if not head:
-                raise decode.UnreadableImage("empty file (0 bytes)")
+                raise UnreadableImage("empty file (0 bytes)")
             handle.seek(0)
             # Old `.dcm` files without the preamble are still DICOM datasets; force=True reads those.
             dataset = pydicom.dcmread(handle, force=head[PREAMBLE_LENGTH:] != b"DICM")
@@ -93,10 +93,10 @@ def _read_dataset(data: str | Path | bytes):
                     dataset.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit
                                                            else pydicom.uid.ExplicitVRLittleEndian)
             return dataset
-    except decode.UnreadableImage:
+    except UnreadableImage:
         raise
     except Exception as error:
-        raise decode.UnreadableImage(f"not a readable DICOM file ({type(error).__name__}: {error})") from None
+        raise UnreadableImage(f"not a readable DICOM file ({type(error).__name__}: {error})") from None
 
 
 def _no_pixels_reason(dataset) -> str:
@@ -116,17 +116,17 @@ def _check_decoder(dataset, pixels) -> None:
     """Says which transfer syntax cannot be decoded and what to install, before pydicom's longer messages."""
     syntax = dataset.file_meta.get("TransferSyntaxUID")
     if syntax is None:
-        raise decode.UnreadableImage("the DICOM file names no transfer syntax (0002,0010) and its encoding cannot "
+        raise UnreadableImage("the DICOM file names no transfer syntax (0002,0010) and its encoding cannot "
                                      "be guessed; rewrite it with a file meta header (e.g. dcmconv, gdcmconv)")
     described = f"transfer syntax {syntax.name} ({syntax})"
     try:
         decoder = pixels.get_decoder(syntax)
     except NotImplementedError:
-        raise decode.UnreadableImage(f"{described} cannot be decoded by pydicom; convert the file to an "
+        raise UnreadableImage(f"{described} cannot be decoded by pydicom; convert the file to an "
                                      "uncompressed one (e.g. gdcmconv --raw, dcmdjpeg)") from None
     if decoder.is_encapsulated and not decoder.available_plugins:
         missing = "; ".join(decoder.missing_dependencies)
-        raise decode.UnreadableImage(f"{described} needs a decoder plugin that is not installed ({missing}): "
+        raise UnreadableImage(f"{described} needs a decoder plugin that is not installed ({missing}): "
                                      f"{PLUGIN_HINT}")
 
 
@@ -196,7 +196,7 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
 def _min_max(values: np.ndarray) -> np.ndarray:
     low, high = np.nanmin(values), np.nanmax(values)
     if not np.isfinite(low) or not np.isfinite(high):
-        raise decode.UnreadableImage("DICOM image has no finite pixel values")
+        raise UnreadableImage("DICOM image has no finite pixel values")
     return (values - low) * (255.0 / (high - low) if high > low else 0.0)
 
 
@@ -204,7 +204,7 @@ def _palette(stored: np.ndarray, dataset, pixels) -> np.ndarray:
     try:
         colours = pixels.apply_color_lut(stored, dataset)
     except Exception as error:
-        raise decode.UnreadableImage(f"PALETTE COLOR image with an unusable palette ({error})") from None
+        raise UnreadableImage(f"PALETTE COLOR image with an unusable palette ({error})") from None
     bits = int(dataset.get("RedPaletteColorLookupTableDescriptor", [0, 0, colours.dtype.itemsize * 8])[2])
     return _to_uint8(colours.astype(np.float64) * 255.0 / (2 ** bits - 1))
 

@@ -94,3 +94,24 @@ def _near_pairs(first: np.ndarray, second: np.ndarray, phashes: np.ndarray, thre
         a, b = np.nonzero(distances <= threshold)
         pairs += [(int(first[start + i]), int(second[j]), int(distances[i, j])) for i, j in zip(a, b)]
     return pairs
+
+
+def shared_patients(rows: dict[str, np.ndarray], groups: np.ndarray, ids: list[str], pattern: str) -> dict:
+    """Patients (data.group_pattern ids) with images on both sides of each pair of splits, by id — the leakage
+    that pixel hashes cannot see (another scan of the same patient)."""
+    report = {"group_pattern": pattern, "patients_per_split": {}, "pairs": {}}
+    members = {split: {} for split in rows}
+    for split, split_rows in rows.items():
+        for row in split_rows:
+            members[split].setdefault(groups[row], []).append(ids[row])
+        report["patients_per_split"][split] = len(members[split])
+    for first, second in PAIRS:
+        if first not in rows or second not in rows:
+            continue
+        shared = sorted(set(members[first]) & set(members[second]))
+        report["pairs"][f"{first}-{second}"] = {
+            "shared_patients": len(shared),
+            f"{first}_images_involved": sum(len(members[first][patient]) for patient in shared),
+            "examples": [{"patient": patient, first: members[first][patient][:3], second: members[second][patient][:3]}
+                         for patient in shared[:EXAMPLES]]}
+    return report

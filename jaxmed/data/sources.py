@@ -35,6 +35,13 @@ class SourceSplit:
     labels: np.ndarray  # int64 (N,)
     read: Callable[[int], Image.Image | np.ndarray]  # raises on unreadable data
     where: str = ""  # for messages: the folder or name of this split
+    root: str = ""  # the folder file ids are relative to, for data.group_pattern; empty: ids are matched as they are
+
+    def names(self) -> list[str]:
+        """Each image's name as data.group_pattern sees it: its path relative to the split folder, or its id."""
+        if not self.root:
+            return list(self.ids)
+        return [os.path.relpath(image_id, self.root).replace(os.sep, "/") for image_id in self.ids]
 
 
 @dataclasses.dataclass
@@ -82,7 +89,8 @@ def imagefolder(config) -> Source:
             labels += [class_names.index(name)] * len(files)
             stats += [(str(path.relative_to(root)), *_stat(path)) for path in files]
         splits[split] = SourceSplit([str(path) for path in paths], np.asarray(labels, np.int64),
-                                    _file_reader(paths, config.get("dicom_frame", -1)), str(folder))
+                                    _file_reader(paths, config.get("dicom_frame", -1)), str(folder),
+                                    str(folder))
     return Source(f"imagefolder {root}", class_names, splits, {"root": str(root.resolve()), "files": _digest(stats)})
 
 

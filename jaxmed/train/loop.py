@@ -69,6 +69,8 @@ def train(config, workdir, run: Run | None = None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     run = run or setup(config, workdir)
     tc = config.train
+    if jax.process_index() == 0:
+        (workdir / "splits.csv").write_text(run.dataset.splits_csv())
     checkpoints = Checkpoints.for_run(workdir, tc, async_saves=tc.async_checkpoints)
     train_split = run.dataset.splits["train"]
     val_split = run.dataset.splits.get("val")
@@ -103,10 +105,12 @@ def train(config, workdir, run: Run | None = None) -> dict:
     train_step = make_train_step(run, tx, class_weights, run.phases[phase])
     eval_step = make_eval_step(run)
     eval_every = tc.eval_every_steps or run.steps_per_epoch
+    log.info("training budget: %s", run.budget)
     best, stale, history = None, 0, []
     sharding = jmesh.batch_sharding(run.mesh)
     bar = progress_bar(total, start)
     step, started, pending = start, time.perf_counter(), []
+    session = (start, started)
     with _Preemption() as preemption:
         while step < total:
             if phase_index(run, step) != phase:  # a new phase starts a fresh optimizer, as a new HF Trainer
@@ -150,13 +154,30 @@ def train(config, workdir, run: Run | None = None) -> dict:
                 checkpoints.save_latest(step, state, iterator, dict(meta, step=step), force=True)
                 checkpoints.close()
                 bar.close()
+                _write_summary(run, session, step)
                 print(f"preempted at step {step}: saved {workdir}/checkpoints/{step}; run the same command "
                       "again to resume", flush=True)
                 return {"preempted_at": step}
     bar.close()
     checkpoints.close()
     writer.close()
+    _write_summary(run, session, step)
     return {"steps": step, "history": history, "run": run, "eval_step": eval_step}
+
+
+def _write_summary(run: Run, session: tuple[int, float], step: int) -> None:
+    """W/train_summary.json: parameters, training seconds (summed over resumed sessions) and images per second, for
+    comparisons of runs (jaxmed.compare)."""
+    if jax.process_index() != 0:
+        return
+    path = run.workdir / "train_summary.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    seconds = time.perf_counter() - session[1]
+    images = (step - session[0]) * run.config.train.batch_size
+    summary = {"parameters": int(sum(leaf.size for leaf in jax.tree.leaves(run.abstract["params"]))),
+               "steps": step, "train_seconds": previous.get("train_seconds", 0.0) + seconds,
+               "images_per_second": images / seconds if images else previous.get("images_per_second")}
+    path.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, state, iterator, meta):

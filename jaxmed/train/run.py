@@ -78,6 +78,7 @@ class Run:
     steps_per_epoch: int
     phases: list
     phase_steps: list  # global step at which each phase ends
+    budget: str = ""  # how many steps, and why (logged when training starts)
 
 
 def _split(model):
@@ -107,6 +108,7 @@ def setup(config, workdir) -> Run:
     steps_per_epoch = jdata.steps_per_epoch(train_split, config.train.batch_size)
     if config.train.steps:
         plan = [dataclasses.replace(plan[0], epochs=config.train.steps / steps_per_epoch)]
+    plan, budget = training_budget(plan, steps_per_epoch, config.train)
     ends, total = [], 0
     for phase in plan:
         total += max(1, round(phase.epochs * steps_per_epoch))
@@ -114,7 +116,26 @@ def setup(config, workdir) -> Run:
     rest = jax.jit(lambda: _split(build_model(spec, dtype, config.seed))[3],
                    out_shardings=jmesh.replicated(mesh))()
     return Run(config, workdir, spec, dataset, preprocessor, mesh, graph_train, graph_eval, rest, shardings,
-               {"params": params, "stats": stats}, layernorms, steps_per_epoch, plan, ends)
+               {"params": params, "stats": stats}, layernorms, steps_per_epoch, plan, ends, budget)
+
+
+def training_budget(plan: list, steps_per_epoch: int, train_config) -> tuple[list, str]:
+    """The phases stretched to at least `train.min_steps` optimiser steps, and a sentence saying why the budget is
+    what it is. A small dataset's epochs are a handful of steps, too few to learn from scratch: then the steps
+    count, not the epochs (early stopping on val ends the run once it stops improving)."""
+    steps = sum(max(1, round(phase.epochs * steps_per_epoch)) for phase in plan)
+    epochs = sum(phase.epochs for phase in plan)
+    budget = (f"{epochs:g} epochs of {steps_per_epoch} steps (batch {train_config.batch_size}) = {steps} steps")
+    minimum = train_config.min_steps
+    if minimum and steps < minimum and not train_config.steps:
+        scale = minimum / steps
+        plan = [dataclasses.replace(phase, epochs=phase.epochs * scale) for phase in plan]
+        budget += (f", fewer than train.min_steps={minimum}: training {minimum} steps "
+                   f"({epochs * scale:.1f} epochs) instead")
+    if train_config.early_stopping_patience:
+        budget += (f"; stopping early after {train_config.early_stopping_patience} validations without a better "
+                   f"{train_config.best_metric}")
+    return plan, budget
 
 
 def _check_reconstruction_phases(plan, model, model_type: str) -> None:
