@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.trainable = ()  # regexes of trainable parameter paths for a single-phase run; empty: all
 
     config.eval = ml_collections.ConfigDict()  # python -m jaxmed.evaluate, and the end of training
+    config.eval.calibrate = True  # fit a temperature on val (min NLL); reports, operating point and predict use it
     config.eval.positive_class = ""  # a class name: choose on val the threshold reaching target_recall for it
     config.eval.target_recall = 0.99
     config.eval.bootstrap = 1000  # resamples for the 95% confidence intervals; 0 disables

@@ -4,6 +4,7 @@ checkpoint selection, and the exported directory opened by transformers alone.""
 import csv
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -114,11 +115,45 @@ def test_export_opens_in_transformers_with_the_same_logits_and_is_byte_stable(ru
     with torch.no_grad():
         theirs = torch_model(torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2)).logits.numpy()
     assert np.max(np.abs(ours - theirs)) <= 1e-4
-    # and the trainer's own evaluation predicted exactly these probabilities
+    # and the trainer's own evaluation predicted exactly these probabilities, at the temperature fitted on val
     rows = list(csv.DictReader((run_dir / "eval/test/predictions.csv").open()))
     names = torch_model.config.id2label
     recorded = np.array([[float(row[f"p_{names[i]}"]) for i in range(4)] for row in rows])
-    np.testing.assert_allclose(recorded, torch.softmax(torch.from_numpy(theirs), -1).numpy(), atol=1e-4)
+    temperature = json.loads((run_dir / "calibration.json").read_text())["temperature"]
+    assert temperature != 1.0
+    np.testing.assert_allclose(recorded, torch.softmax(torch.from_numpy(theirs) / temperature, -1).numpy(), atol=1e-4)
+
+
+def test_calibration_is_fitted_on_val_reported_before_and_after_and_stored(run_dir):
+    report = json.loads((run_dir / "eval/test/report.json").read_text())
+    calibrated = report["calibration"]
+    assert calibrated["fitted_on"] == "val" and calibrated["applied"]
+    stored = json.loads((run_dir / "calibration.json").read_text())
+    assert stored["temperature"] == calibrated["temperature"] and stored["checkpoint"] == report["checkpoint"]
+    for when in ("before", "after"):
+        assert set(calibrated[when]) >= {"ece_15", "ece_adaptive_15", "mce", "brier", "nll", "bins"}
+    # the temperature minimises the val NLL, not the test one: on test NLL need not fall, but it is the same model
+    assert calibrated["before"]["num_examples"] == calibrated["after"]["num_examples"] == report["num_examples"]
+    assert (run_dir / "eval/test/reliability_diagram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Calibration: temperature T = " in (run_dir / "eval/test/report.md").read_text()
+    point = json.loads((run_dir / "operating_point.json").read_text())
+    assert point["positive_class"] == "meningioma" and point["threshold"] == report["operating_point"]["threshold"]
+
+
+def test_without_calibration_probabilities_are_the_plain_softmax(run_dir, tmp_path):
+    """eval.calibrate=False: T = 1, and the recorded probabilities are softmax(logits) unchanged."""
+    copy = shutil.copytree(run_dir, tmp_path / "run")
+    config = load_run_config(copy)
+    config.eval.calibrate = False
+    run = train.setup(config, copy)
+    checkpoints = Checkpoints.for_run(copy, config.train)
+    try:
+        report = evaluate.evaluate_run(run, checkpoints, train.make_eval_step(run), "val")
+    finally:
+        checkpoints.close()
+    assert report["calibration"]["temperature"] == 1.0 and not report["calibration"]["applied"]
+    assert report["calibration"]["before"] == report["calibration"]["after"]
+    assert json.loads((copy / "calibration.json").read_text())["temperature"] == 1.0
 
 
 def test_checkpoint_selection_lists_what_exists(run_dir):

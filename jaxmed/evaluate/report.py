@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxmed import train
 from jaxmed.config import load_run_config
-from jaxmed.evaluate import figures, metrics
+from jaxmed.evaluate import calibration, figures, metrics
 from jaxmed.errors import JaxmedError
 
 log = logging.getLogger("jaxmed.evaluate")
@@ -34,25 +34,60 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
     params, stats = train.place_weights(run, flat)
     names, ec = run.dataset.class_names, run.config.eval
 
+    predicted = {}
+
+    def logits_of(split):  # each split predicted once, whoever asks first
+        if split.name not in predicted:
+            predicted[split.name] = train.predict(run, eval_step, params, stats, split)
+        return predicted[split.name]
+
+    temperature, fitted_on = 1.0, None
+    if ec.calibrate and "val" in run.dataset.splits:
+        val_indices, val_logits = logits_of(run.dataset.splits["val"])
+        temperature = calibration.fit_temperature(val_logits, run.dataset.splits["val"].labels[val_indices])
+        fitted_on = "val"
+
     def probabilities(split):
-        indices, logits = train.predict(run, eval_step, params, stats, split)
-        return indices, np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+        indices, logits = logits_of(split)
+        return indices, calibration.apply_temperature(logits, temperature)
 
     split = run.dataset.splits[split_name]
     indices, probs = probabilities(split)
     labels = split.labels[indices]
     report = metrics.classification_metrics(labels, probs, names, bootstrap=ec.bootstrap, seed=ec.seed)
     report.update(split=split_name, checkpoint=source)
+    uncalibrated = calibration.apply_temperature(logits_of(split)[1], 1.0)
+    report["calibration"] = {"temperature": temperature, "fitted_on": fitted_on, "applied": bool(fitted_on),
+                             "before": calibration.calibration_metrics(labels, uncalibrated),
+                             "after": calibration.calibration_metrics(labels, probs)}
     if ec.positive_class:
         report["operating_point"] = _operating_point(run, probabilities, labels, probs, split_name)
     if jax.process_index() == 0:
         out = run.workdir / "eval" / split_name
         write_report(out, report)
         write_predictions(out / "predictions.csv", [split.ids[i] for i in indices], labels, probs, names)
+        if which == "best":  # what predict applies belongs to the model it uses by default
+            _store_with_run(run.workdir, report, source)
         _figures(run, out, split, indices, labels, probs, report["confusion_matrix"])
+        calibration.reliability_diagram(labels, uncalibrated, out / "reliability_diagram.png",
+                                        probabilities_after=probs if fitted_on else None)
         _explanations(run, out, split, indices, labels, flat)
-        log.info("%s: accuracy %.4f (%s) → %s", split_name, report["accuracy"], source, out)
+        log.info("%s: accuracy %.4f, ECE %.4f → %.4f at T = %.3f (%s) → %s", split_name, report["accuracy"],
+                 report["calibration"]["before"]["ece_15"], report["calibration"]["after"]["ece_15"], temperature,
+                 source, out)
     return report
+
+
+def _store_with_run(workdir, report: dict, source: str) -> None:
+    """W/calibration.json and W/operating_point.json: what `jaxmed.predict` applies to new images."""
+    point = report["calibration"]
+    (workdir / "calibration.json").write_text(json.dumps(
+        {"temperature": point["temperature"], "fitted_on": point["fitted_on"], "checkpoint": source}, indent=1) + "\n")
+    if "operating_point" in report:
+        chosen = report["operating_point"]
+        (workdir / "operating_point.json").write_text(json.dumps(
+            {key: chosen[key] for key in ("positive_class", "threshold", "target_recall", "chosen_on")}
+            | {"checkpoint": source, "temperature": point["temperature"]}, indent=1) + "\n")
 
 
 def _operating_point(run, probabilities, labels, probs, split_name: str) -> dict:
@@ -114,6 +149,16 @@ def markdown(report: dict) -> str:
             row = point[split]
             lines.append(f"| {split} | {_number(row['sensitivity'])} | {_number(row['specificity'])} | "
                          f"{_number(row['precision'])} | {row['flagged']} of {row['num_examples']} |")
+    calibrated = report.get("calibration")
+    if calibrated:
+        scaled = (f"temperature T = {calibrated['temperature']:.4f} fitted on {calibrated['fitted_on']} (probabilities "
+                  "above are scaled)" if calibrated["applied"] else "no temperature scaling (T = 1)")
+        lines += ["", f"## Calibration: {scaled}", "", "| | ECE (15 bins) | ECE (adaptive) | MCE | Brier | NLL |",
+                  "|---|---|---|---|---|---|"]
+        for when in ("before", "after"):
+            row = calibrated[when]
+            lines.append(f"| {when} | {row['ece_15']:.4f} | {row['ece_adaptive_15']:.4f} | {row['mce']:.4f} | "
+                         f"{row['brier']:.4f} | {row['nll']:.4f} |")
     lines += ["", "Confusion matrix (rows true, columns predicted): see confusion_matrix.png; every prediction is in "
               "predictions.csv.", ""]
     return "\n".join(lines)
