@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.label_smoothing = 0.0
     config.train.class_weighted_loss = False  # weights inverse to class frequency (sklearn 'balanced')
     config.train.grad_accumulation = 1
+    config.train.folds = 0  # K > 1: K-fold cross-validation of train+val into W/fold_<k>/ and W/cv/ (crossval.py)
     config.train.evaluate_test = True  # at the end, evaluate the best checkpoint on the test split
     config.train.async_checkpoints = True
 

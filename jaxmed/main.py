@@ -27,14 +27,15 @@ def main(argv) -> int:
         maybe_initialize_distributed()
         import jax
 
-        from jaxmed import experiment
+        from jaxmed import crossval, experiment
         from jaxmed.train.checkpoint import workdir_path
 
         workdir = workdir_path(_WORKDIR.value)  # local or gs://…
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-        result = experiment.train_and_evaluate(config, workdir)
+        run = crossval.cross_validate if config.train.folds else experiment.train_and_evaluate
+        result = run(config, workdir)
     except JaxmedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

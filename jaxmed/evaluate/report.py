@@ -179,6 +179,19 @@ def write_predictions(path, ids, labels, probabilities, class_names) -> None:
     path.write_text(buffer.getvalue())
 
 
+def read_predictions(path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """predictions.csv → (ids, labels as class indices, probabilities (N, classes), class names)."""
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        rows = list(reader)
+    names = [column[2:] for column in header[3:]]
+    ids = [row[0] for row in rows]
+    labels = np.asarray([names.index(row[1]) for row in rows], np.int64)
+    probabilities = np.asarray([[float(value) for value in row[3:]] for row in rows], np.float64).reshape(-1, len(names))
+    return ids, labels, probabilities, names
+
+
 def _figures(run, out, split, indices, labels, probs, confusion) -> None:
     names = run.dataset.class_names
     predictions = probs.argmax(-1)

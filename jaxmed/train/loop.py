@@ -151,7 +151,8 @@ def train(config, workdir, run: Run | None = None) -> dict:
             if step % run.steps_per_epoch == 0 or step == total:
                 checkpoints.save_latest(step, state, iterator, dict(meta, step=step))
             if preemption.requested or (jax.process_count() > 1 and checkpoints.reached_preemption(step)):
-                checkpoints.save_latest(step, state, iterator, dict(meta, step=step), force=True)
+                if checkpoints.latest_step() != step:  # a signal at an epoch's end: that step is saved already
+                    checkpoints.save_latest(step, state, iterator, dict(meta, step=step), force=True)
                 checkpoints.close()
                 bar.close()
                 _write_summary(run, session, step)
