@@ -18,8 +18,9 @@ from jaxmed.errors import JaxmedError
 log = logging.getLogger("jaxmed.export")
 
 
-def load_trained(workdir, which: str = "best"):
-    """(jaxmed model with the checkpoint's weights, in eval mode; the checkpoint's source) from a run directory."""
+def load_trained(workdir, which: str = "best", *, dtype=None):
+    """(jaxmed model with the checkpoint's weights, in eval mode; the checkpoint's source) from a run directory.
+    `dtype`: the compute dtype (the run's model.dtype reproduces its evaluation); None is float32."""
     from jaxmed.convert import hub
     from jaxmed.models import MODELS
     from jaxmed.models.layers import Static
@@ -37,7 +38,7 @@ def load_trained(workdir, which: str = "best"):
     hf_config = config_class.from_dict(meta["hf_config"])
     names = meta["class_names"]
     hub.relabel(hf_config, len(names), dict(enumerate(names)))
-    model = hub.build_with_weights(model_class, hf_config, flat)
+    model = hub.build_with_weights(model_class, hf_config, flat, dtype=dtype)
     model.hf_preprocessor = Static(dict(meta["preprocessor"]))
     model.eval()
     return model, source
