@@ -22,13 +22,21 @@ $(VENV)/.installed-tfds: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[torch,dev,tfds,dicom]"
 	touch $@
 
+# Headless Chromium, in which tests/test_report_html.py renders report.html (Debian package; nothing to do when
+# `chromium` is already on PATH). apt-get needs root: sudo unless make runs as root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(VENV)/.installed-chromium: $(VENV)/.installed
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
+	touch $@
+
 install: $(VENV)/.installed
 
 # The main job on built-in synthetic MRI phantoms: trains, evaluates, writes runs/demo/eval/test/.
 demo: install
 	$(PY) -m jaxmed.main --config configs/demo.py --workdir runs/demo
 
-test: install $(VENV)/.installed-tfds
+test: install $(VENV)/.installed-tfds $(VENV)/.installed-chromium
 	$(PY) -m pytest -n 2 --timeout=900 tests
 
 bench: install

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxmed import experiment
 from jaxmed.errors import JaxmedError
-from jaxmed.evaluate import calibration, figures, metrics, report
+from jaxmed.evaluate import calibration, figures, html, metrics, report
 from jaxmed.train.checkpoint import workdir_path
 
 log = logging.getLogger("jaxmed.crossval")
@@ -98,6 +98,7 @@ def summarise(workdir, folds: int, eval_config) -> dict:
         figures.pr_curves(labels, probabilities, names, out / "pr_curves.png")
         calibration.reliability_diagram(labels, probabilities, out / "reliability_diagram.png",
                                         title="Reliability of the pooled out-of-fold predictions")
+        html.write_cv_html(out, summary)
         log.info("%d-fold cross-validation: accuracy %.4f ± %.4f (pooled %.4f) → %s", folds,
                  per_metric["accuracy"]["mean"], per_metric["accuracy"]["sd"] or 0.0, pooled["accuracy"], out)
     return summary

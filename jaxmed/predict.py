@@ -7,7 +7,8 @@ per image, unreadable files listed with the reason, and optional Grad-CAM / atte
 DIR gets predictions.csv (path, prediction, p_<class>…, flagged when the run has an operating point, temperature),
 skipped.csv (path, reason), summary.json and explain/. Probabilities are softmax(logits / T) with T from
 calibration.json next to the model ({"temperature": T}; else T = 1), and rows are flagged when
-p_<positive_class> >= threshold from operating_point.json ({"positive_class": name, "threshold": t}).
+p_<positive_class> >= threshold from operating_point.json ({"positive_class": name, "threshold": t}); evaluation
+writes both for the checkpoint it evaluated, and a file naming another checkpoint is not applied (summary: notes).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Predictor:
     operating_point: dict | None
     origin: dict  # {"checkpoint": "W … best/8"} or {"model": HF_DIR}, for the summary
     batch_size: int
+    notes: list[str]  # what the summary should tell: files next to the model that were not applied
 
 
 def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", color: bool = False,
@@ -60,11 +62,11 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
         from jaxmed import export
         from jaxmed.config import load_run_config
         from jaxmed.train.checkpoint import workdir_path
+        import jax.numpy as jnp
 
         directory = workdir_path(workdir)
         config = load_run_config(directory)  # "no config.json …: is this a jaxmed run directory?"
-        import jax.numpy as jnp
-
+        stored = _stored_with(directory)
         model, source = export.load_trained(directory, checkpoint, dtype=jnp.dtype(config.model.dtype))
         grayscale, frame = bool(config.data.grayscale), int(config.data.get("dicom_frame", -1))
         origin, batch_size = {"checkpoint": f"{directory} {source}"}, batch_size or config.train.eval_batch_size
@@ -73,15 +75,31 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
         if not directory.is_dir():  # hub.resolve would try the internet for a name that looks like a hub id
             raise JaxmedError(f"--model {model_dir}: no such directory; pass a folder written by "
                               "`python -m jaxmed.export --workdir W --out DIR`")
-        model = hub.from_pretrained(directory)
+        stored = _stored_with(directory)
+        model, source = hub.from_pretrained(directory), None
         grayscale, frame, origin = not color, -1, {"model": str(directory)}
     names = [model.config.id2label[index] for index in range(model.config.num_labels)]
     preprocessor = Preprocessor.from_config(hub.preprocessor_config(model))
     cache.eval_size(preprocessor)  # batching needs one input size: fail now, not after decoding
-    temperature, calibrated = _temperature(directory / "calibration.json")
-    return Predictor(model, names, preprocessor, grayscale, frame, temperature, calibrated,
-                     _operating_point(directory / "operating_point.json", names), origin,
-                     batch_size or DEFAULT_BATCH_SIZE)
+    notes = []
+    for index, (name, value) in enumerate(zip(("calibration.json", "operating_point.json"), stored)):
+        # Evaluation writes both for the checkpoint it evaluated; another checkpoint's logits are not theirs.
+        fitted_for = (value or {}).get("checkpoint")
+        if source is not None and fitted_for is not None and fitted_for != source:
+            notes.append(f"{name} is for {fitted_for}, not {source}: not applied")
+            log.warning("%s", notes[-1])
+            stored[index] = None
+    temperature = _temperature(stored[0], directory / "calibration.json")
+    return Predictor(model, names, preprocessor, grayscale, frame, temperature, stored[0] is not None,
+                     _operating_point(stored[1], directory / "operating_point.json", names), origin,
+                     batch_size or DEFAULT_BATCH_SIZE, notes)
+
+
+def _stored_with(directory) -> list:
+    """calibration.json and operating_point.json (None where absent); a bad temperature fails before loading."""
+    stored = [_read_json(directory / name) for name in ("calibration.json", "operating_point.json")]
+    _temperature(stored[0], directory / "calibration.json")
+    return stored
 
 
 def _read_json(path) -> dict | None:
@@ -96,27 +114,26 @@ def _read_json(path) -> dict | None:
     return value
 
 
-def _temperature(path) -> tuple[float, bool]:
-    value = _read_json(path)
+def _temperature(value: dict | None, path) -> float:
     if value is None:
-        return 1.0, False
-    temperature = value.get("temperature")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature > 0):
-        raise JaxmedError(f"{path}: temperature must be a positive number; got {temperature!r}")
-    return float(temperature), True
+        return 1.0
+    return _number(value.get("temperature"), path, "temperature", "a positive number", lambda t: t > 0)
 
 
-def _operating_point(path, names: list[str]) -> dict | None:
-    value = _read_json(path)
+def _operating_point(value: dict | None, path, names: list[str]) -> dict | None:
     if value is None:
         return None
-    positive, threshold = value.get("positive_class"), value.get("threshold")
-    if positive not in names:
-        raise JaxmedError(f"{path}: positive_class {positive!r} is not one of the model's classes {names}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-        raise JaxmedError(f"{path}: threshold must be a probability in [0, 1]; got {threshold!r}")
-    return {"positive_class": positive, "threshold": float(threshold)}
+    if value.get("positive_class") not in names:
+        raise JaxmedError(f"{path}: positive_class {value.get('positive_class')!r} is not one of the model's "
+                          f"classes {names}")
+    threshold = _number(value.get("threshold"), path, "threshold", "a probability in [0, 1]", lambda t: 0 <= t <= 1)
+    return {"positive_class": value["positive_class"], "threshold": threshold}
+
+
+def _number(value, path, key: str, expected: str, valid) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not valid(value):
+        raise JaxmedError(f"{path}: {key} must be {expected}; got {value!r}")
+    return float(value)
 
 
 def collect_inputs(inputs) -> tuple[list[Path], list[tuple[str, str]], int]:
@@ -176,7 +193,7 @@ def _decoded(files, work, chunk: int):
 
 def _forward(predictor: Predictor):
     """A jitted uint8 batch → float32 logits (normalisation on the device, as in training), data-sharded over
-    every device when the batch divides evenly, else on one device; the weights are placed once."""
+    every device when the batch divides evenly, else on the first device; the weights are placed once."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -184,23 +201,18 @@ def _forward(predictor: Predictor):
     from jaxmed.train import mesh as jmesh
 
     graphdef, state = nnx.split(predictor.model)
-    preprocessor = predictor.preprocessor
+    devices = jax.device_count() if predictor.batch_size % jax.device_count() == 0 else 1
+    mesh = jmesh.make_mesh(data=devices)
+    batch, replicated = jmesh.batch_sharding(mesh), jmesh.replicated(mesh)
+    state = jax.device_put(state, replicated)
 
     def logits(state, images):
         model = nnx.merge(graphdef, state)
-        return model(preprocessor.normalize(images)).astype(jnp.float32)
+        return model(predictor.preprocessor.normalize(images)).astype(jnp.float32)
 
-    if predictor.batch_size % jax.device_count() == 0:
-        mesh = jmesh.make_mesh()
-        batch, replicated = jmesh.batch_sharding(mesh), jmesh.replicated(mesh)
-        state = jax.device_put(state, replicated)
-        step = jax.jit(logits, in_shardings=(replicated, batch), out_shardings=replicated)
-        log.info("batches of %d over %d devices", predictor.batch_size, jax.device_count())
-        return lambda images: np.asarray(step(state, jax.device_put(images, batch)))
-    state = jax.device_put(state, jax.devices()[0])
-    step = jax.jit(logits)
-    log.info("batches of %d on one device (%d devices do not divide it)", predictor.batch_size, jax.device_count())
-    return lambda images: np.asarray(step(state, images))
+    step = jax.jit(logits, in_shardings=(replicated, batch), out_shardings=replicated)
+    log.info("batches of %d on %d of %d devices", predictor.batch_size, devices, jax.device_count())
+    return lambda images: np.asarray(step(state, jax.device_put(images, batch)))
 
 
 @dataclasses.dataclass
@@ -264,21 +276,14 @@ def _unreadable_message(skipped) -> str:
 def write_outputs(out: Path, predictor: Predictor, result: Predictions, ignored: int) -> dict:
     """predictions.csv and skipped.csv; returns the summary (the caller adds to it and writes summary.json)."""
     out.mkdir(parents=True, exist_ok=True)
-    names = predictor.class_names
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "prediction", *(f"p_{name}" for name in names),
-                     *(["flagged"] if result.flagged is not None else []), "temperature"])
-    for index, (path, row) in enumerate(zip(result.paths, result.probabilities)):
-        flag = [bool(result.flagged[index])] if result.flagged is not None else []
-        writer.writerow([path, names[int(np.argmax(row))], *(f"{p:.6g}" for p in row), *flag,
-                         f"{predictor.temperature:g}"])
-    (out / "predictions.csv").write_text(buffer.getvalue())
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "reason"])
-    writer.writerows(result.skipped)
-    (out / "skipped.csv").write_text(buffer.getvalue())
+    names, flagged = predictor.class_names, result.flagged
+    header = ["path", "prediction", *(f"p_{name}" for name in names), *(["flagged"] if flagged is not None else []),
+              "temperature"]
+    rows = [[path, names[int(np.argmax(row))], *(f"{p:.6g}" for p in row),  # report.write_predictions' format
+             *([bool(flagged[index])] if flagged is not None else []), f"{predictor.temperature:g}"]
+            for index, (path, row) in enumerate(zip(result.paths, result.probabilities))]
+    _write_csv(out / "predictions.csv", header, rows)
+    _write_csv(out / "skipped.csv", ["path", "reason"], result.skipped)
     summary = {"predicted": len(result.paths), "skipped": len(result.skipped), "ignored_non_images": ignored,
                "temperature": predictor.temperature,
                "probabilities": ("softmax(logits / temperature), temperature from calibration.json"
@@ -286,7 +291,17 @@ def write_outputs(out: Path, predictor: Predictor, result: Predictions, ignored:
                **predictor.origin, "class_names": names, "out": str(out)}
     if result.flagged is not None:
         summary.update(operating_point=predictor.operating_point, flagged=int(result.flagged.sum()))
+    if predictor.notes:
+        summary["notes"] = predictor.notes
     return summary
+
+
+def _write_csv(path: Path, header, rows) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    path.write_text(buffer.getvalue())
 
 
 def explain(predictor: Predictor, result: Predictions, out_dir: Path) -> list[Path]:
@@ -323,8 +338,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv=None) -> int:
-    parser = _Parser(prog="python -m jaxmed.predict", description=__doc__.split("\n\n", 1)[1],
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    purpose, usage, outputs = __doc__.split("\n\n")[:3]
+    parser = _Parser(prog="python -m jaxmed.predict", usage=" ".join(usage.split()),
+                     description=f"{purpose}\n\n{outputs}", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, DICOM files or folders (recursive)")
     parser.add_argument("--workdir", metavar="W", help="a run directory trained by jaxmed.main")
     parser.add_argument("--checkpoint", metavar="WHICH", help="with --workdir: best (default), latest or a step")
@@ -372,7 +388,8 @@ def run(args) -> dict:
     if not files:
         notes = ([f"{ignored} non-image files ignored"] if ignored else []) + (
             [f"missing: {', '.join(path for path, _ in skipped[:3])}"] if skipped else [])
-        raise JaxmedError(f"no images found in {', '.join(args.inputs[:3])}" + (f" ({'; '.join(notes)})" if notes else ""))
+        raise JaxmedError(f"no images found in {', '.join(args.inputs[:3])}"
+                          + (f" ({'; '.join(notes)})" if notes else ""))
     if args.strict and skipped:
         raise JaxmedError(_unreadable_message(skipped))
     predictor = load_predictor(workdir=args.workdir, model_dir=args.model, checkpoint=args.checkpoint or "best",

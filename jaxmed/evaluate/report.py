@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxmed import train
 from jaxmed.config import load_run_config
-from jaxmed.evaluate import calibration, figures, metrics
+from jaxmed.evaluate import calibration, figures, html, metrics
 from jaxmed.errors import JaxmedError
 
 log = logging.getLogger("jaxmed.evaluate")
@@ -72,6 +72,7 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
         calibration.reliability_diagram(labels, uncalibrated, out / "reliability_diagram.png",
                                         probabilities_after=probs if fitted_on else None)
         _explanations(run, out, split, indices, labels, flat)
+        html.write_report_html(out, report, config=json.loads(run.config.to_json_best_effort()))
         log.info("%s: accuracy %.4f, ECE %.4f → %.4f at T = %.3f (%s) → %s", split_name, report["accuracy"],
                  report["calibration"]["before"]["ece_15"], report["calibration"]["after"]["ece_15"], temperature,
                  source, out)
