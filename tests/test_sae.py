@@ -1,7 +1,6 @@
 """Stacked autoencoder: greedy layer-wise phases train only their layer, the head phase only the head; its HF-style
 directory round-trips and opens in PyTorch; errors for people."""
 
-import functools
 import json
 import shutil
 
@@ -15,7 +14,7 @@ from flax import nnx, traverse_util
 import tiny_config
 from jaxmed import data as jdata
 from jaxmed import experiment, protocols, train
-from jaxmed.train import optim
+from jaxmed.train import loop, optim
 from jaxmed.train.checkpoint import Checkpoints
 from jaxmed.convert import TABLES, from_pretrained, hub, save_pretrained
 from jaxmed.convert.core import to_hf
@@ -25,6 +24,13 @@ from jaxmed.models import SAE, SAEConfig
 TABLE = TABLES["jaxmed_sae"][0]
 HIDDEN = [32, 16]
 
+
+
+class _KeepTenLatest(Checkpoints):
+    """Every latest checkpoint of a short run stays, so the test can read each phase's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "keep_latest": 10})
 
 def _config(cache_dir):
     config = tiny_config.get_config()
@@ -75,7 +81,7 @@ def trained(tmp_path_factory, cache_dir):
     workdir = tmp_path_factory.mktemp("sae") / "run"
     config = _config(cache_dir)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "Checkpoints", functools.partial(Checkpoints, keep_latest=10))
+        patch.setattr(loop, "Checkpoints", _KeepTenLatest)
         result = experiment.train_and_evaluate(config, workdir)
     run = train.setup(config, workdir)
     model = train.build_model(run.spec, jnp.float32, config.seed)  # the run's init (same seed, same bits)
