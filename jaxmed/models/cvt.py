@@ -175,7 +175,7 @@ class SelfAttention(nnx.Module):
         self.projection_value = _linear(dim, dim, config, rngs, dtype, use_bias=bias)
         self.dropout = nnx.Dropout(config.attention_drop_rate[stage], rngs=rngs)
 
-    def __call__(self, x, height, width):
+    def __call__(self, x, height, width, output_attentions: bool = False):
         batch, _, dim = x.shape
         if self.with_cls_token:
             cls, x = x[:, :1], x[:, 1:]
@@ -196,7 +196,8 @@ class SelfAttention(nnx.Module):
         key = heads(self.projection_key(key))
         value = heads(self.projection_value(value))
         # head-major batched matmuls: XLA:CPU runs these much faster than the equivalent einsums (as in vit.py)
-        context, weights = layers.attention(query, key, value, self.scale, self.dropout)
+        context, weights = layers.attention(query, key, value, self.scale, self.dropout,
+                                            need_weights=output_attentions)
         return context.transpose(0, 2, 1, 3).reshape(batch, -1, dim), weights
 
 
@@ -215,8 +216,8 @@ class Attention(nnx.Module):
         self.attention = SelfAttention(config, stage, dtype, rngs)
         self.output = SelfOutput(config, stage, dtype, rngs)
 
-    def __call__(self, x, height, width):
-        context, weights = self.attention(x, height, width)
+    def __call__(self, x, height, width, output_attentions: bool = False):
+        context, weights = self.attention(x, height, width, output_attentions)
         return self.output(context), weights
 
 
@@ -250,8 +251,8 @@ class Layer(nnx.Module):
         self.layernorm_before = _layernorm(dim, dtype, rngs)
         self.layernorm_after = _layernorm(dim, dtype, rngs)
 
-    def __call__(self, x, height, width):
-        attended, weights = self.attention(self.layernorm_before(x), height, width)
+    def __call__(self, x, height, width, output_attentions: bool = False):
+        attended, weights = self.attention(self.layernorm_before(x), height, width, output_attentions)
         x = materialize(self.drop_path(attended) + x)
         # HF drops the whole (MLP + residual) sum, not just the MLP branch.
         out = self.drop_path(self.output(self.intermediate(self.layernorm_after(x)), x))
@@ -280,7 +281,7 @@ class Stage(nnx.Module):
         rate = _stage_drop_path_rate(config, stage)
         self.layers = nnx.List([Layer(config, stage, rate, dtype, rngs) for _ in range(config.depth[stage])])
 
-    def __call__(self, pixels):
+    def __call__(self, pixels, output_attentions: bool = False):
         grid = self.embedding(pixels)
         batch, height, width, dim = grid.shape
         x = grid.reshape(batch, height * width, dim)
@@ -289,7 +290,7 @@ class Stage(nnx.Module):
             x = jnp.concatenate([cls, x], axis=1)
         attentions = []
         for layer in self.layers:
-            x, weights = layer(x, height, width)
+            x, weights = layer(x, height, width, output_attentions)
             attentions.append(weights)
         cls = None
         if self.cls_token is not None:
@@ -324,7 +325,7 @@ class CvT(nnx.Module):
     def forward(self, pixels, *, output_hidden_states=False, output_attentions=False) -> Output:
         x, cls, hidden, attentions = pixels, None, [], []
         for stage in self.cvt.encoder.stages:
-            x, cls, weights = stage(x)
+            x, cls, weights = stage(x, output_attentions)
             hidden.append(x)
             attentions.extend(weights)
         # HF keys this on the last stage's flag; the cls token is that stage's.

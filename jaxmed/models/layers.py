@@ -1,4 +1,7 @@
-"""Building blocks shared by the models: PyTorch-exact BatchNorm, HF activations, torch's bicubic resize."""
+"""Building blocks shared by the models: PyTorch-exact BatchNorm, HF activations, torch's bicubic resize, and
+XLA:CPU's rewrites of depthwise and 1×1 convolutions, fusion fences and a hand-written attention backward. GPUs and
+TPUs get the plain grouped/1×1 convolutions, no fences and `jax.nn.dot_product_attention` instead (kernels.py
+chooses, per backend)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jaxmed.models.kernels import fused_attention, grouped_depthwise, identity, per_backend, pointwise_conv
 
 
 class Static:
@@ -32,6 +37,7 @@ class Static:
         return f"Static({type(self.value).__name__})"
 
 
+
 def _fence(x):
     # The predicate depends on the data, so XLA cannot fold the conditional away; it is False only when the first
     # element is NaN, and that branch (v + 0: identical branches would be merged) differs only by turning -0.0 into
@@ -45,9 +51,9 @@ def materialize(x):
 
     Without it XLA:CPU fuses the residual stream's gradient, summed over every later block, into each transposed
     copy a weight gradient needs, re-reading dozens of inputs with a stride: a fifth of a CvT-13 train step.
-    Accelerators fuse well and would only pay for the conditionals.
+    Accelerators fuse well and would only pay for the conditionals: there it is the identity (`per_backend`).
     """
-    return _materialize(x) if jax.default_backend() == "cpu" else x
+    return per_backend(x, cpu=_materialize, accelerator=identity)
 
 
 @jax.custom_vjp
@@ -121,21 +127,35 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
                                preferred_element_type=preferred_element_type, **kwargs)
 
 
-def attention(q, k, v, scale: float, dropout: nnx.Dropout | None = None):
+def attention(q, k, v, scale: float, dropout: nnx.Dropout | None = None, need_weights: bool = True):
     """softmax(q kᵀ · scale) v on head-major (B, heads, tokens, head_dim) tensors → (context, weights).
 
-    Same forward as the three-op composition; the backward is written out (as FlashAttention's): the softmax
-    gradient's row sums are taken as Σ dcontext · context over head_dim instead of Σ dweights · weights over the
-    keys. XLA:CPU ran that keys-wide reduction fused into the dot that feeds it at a few GFLOP/s: CvT-13's
+    With `need_weights` (the models pass `output_attentions`) or an active `dropout` (training, rate > 0) the
+    weights are materialised, on every backend. The CPU form's backward is written out (as FlashAttention's): the
+    softmax gradient's row sums are taken as Σ dcontext · context over head_dim instead of Σ dweights · weights over
+    the keys. XLA:CPU ran that keys-wide reduction fused into the dot that feeds it at a few GFLOP/s: CvT-13's
     stage-1 attention (3136 queries × 784 keys) took 1.05 CPU s per step that way, 0.64 s this way. Low-precision
     operands multiply as in `matmul` (fp32 accumulation, softmax in fp32). The weights are returned in q's dtype.
-    With an active `dropout` (training, rate > 0) on the weights the identity does not hold, so the ops are composed
-    and differentiated by autodiff.
+    With an active dropout on the weights that identity does not hold, so the ops are composed and differentiated
+    by autodiff.
+
+    Without weights and dropout (training and inference), GPUs and TPUs run `jax.nn.dot_product_attention`
+    (`per_backend`): cuDNN's fused attention on NVIDIA GPUs for bf16/fp16 and head_dim a multiple of 8 up to 256,
+    XLA's composition otherwise; the weights returned are then None, on every backend.
     """
-    if dropout is None or dropout.deterministic or dropout.rate == 0:
+    if dropout is not None and not dropout.deterministic and dropout.rate > 0:
+        weights = jax.nn.softmax(matmul(q, _swap(k)).astype(jnp.float32) * scale, axis=-1).astype(q.dtype)
+        return matmul(dropout(weights), v), weights if need_weights else None
+    if need_weights:
         return _attention(q, k, v, scale)
-    weights = jax.nn.softmax(matmul(q, _swap(k)).astype(jnp.float32) * scale, axis=-1).astype(q.dtype)
-    return matmul(dropout(weights), v), weights
+    context = per_backend(q, k, v, cpu=functools.partial(_cpu_context, scale=scale),
+                          accelerator=functools.partial(fused_attention, scale=scale, cudnn=False),
+                          cuda=functools.partial(fused_attention, scale=scale, cudnn=True))
+    return context, None
+
+
+def _cpu_context(q, k, v, *, scale):
+    return _attention(q, k, v, scale)[0]  # the weights' cotangent is a symbolic zero: no gradient through them
 
 
 def _attention_forward(q, k, v, scale):
@@ -298,11 +318,12 @@ def torch_conv_padding(kernel: int, stride: int, padding: int | None = None, dil
 
 
 class DepthwiseConv(nnx.Module):
-    """A depthwise convolution (`feature_group_count` = channels) computed as kh·kw shifted multiply-adds.
+    """A depthwise convolution (`feature_group_count` = channels): on XLA:CPU as kh·kw shifted multiply-adds.
 
     Same parameter as `nnx.Conv(C, C, k, feature_group_count=C)` — `kernel` (kh, kw, 1, C), so the HF conversion
-    is unchanged — but XLA:CPU runs grouped convolutions 15–70× slower than this (measured on CvT/EfficientNet
-    shapes); on accelerators both are fine. Padding is explicit ((top, bottom), (left, right)), as PyTorch pads.
+    is unchanged. XLA:CPU runs grouped convolutions 15–70× slower than the shifted multiply-adds (measured on
+    CvT/EfficientNet shapes); GPUs and TPUs run the grouped convolution (`per_backend`). Padding is explicit
+    ((top, bottom), (left, right)), as PyTorch pads.
     """
 
     def __init__(self, channels: int, kernel: int, *, strides: int = 1, padding=((0, 0), (0, 0)),
@@ -317,28 +338,37 @@ class DepthwiseConv(nnx.Module):
         kernel = self.kernel.value
         if self.dtype is not None:
             x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        kh, kw, s = kernel.shape[0], kernel.shape[1], self.strides
-        x = jnp.pad(x, ((0, 0), self.padding[0], self.padding[1], (0, 0)))
-        out_h, out_w = (x.shape[1] - kh) // s + 1, (x.shape[2] - kw) // s + 1
-        out = None
-        for i in range(kh):
-            for j in range(kw):
-                term = x[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s, :] * kernel[i, j, 0]
-                out = term if out is None else out + term
+        config = dict(strides=self.strides, padding=self.padding)
+        out = per_backend(x, kernel, cpu=functools.partial(_shifted_depthwise, **config),
+                          accelerator=functools.partial(grouped_depthwise, **config))
         if self.bias is not None:
             out = out + self.bias.value.astype(out.dtype)
         return out
 
 
+def _shifted_depthwise(x, kernel, *, strides, padding):
+    kh, kw, s = kernel.shape[0], kernel.shape[1], strides
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    out_h, out_w = (x.shape[1] - kh) // s + 1, (x.shape[2] - kw) // s + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            term = x[:, i:i + s * (out_h - 1) + 1:s, j:j + s * (out_w - 1) + 1:s, :] * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
 class Conv(nnx.Conv):
-    """`nnx.Conv` whose 1×1 case (most of a ResNet bottleneck, EfficientNet's expand/project/squeeze convs) runs as
-    a matmul over the NHWC pixels; same parameters and results.
+    """`nnx.Conv` whose 1×1 case (most of a ResNet bottleneck, EfficientNet's expand/project/squeeze convs) runs, on
+    XLA:CPU, as a matmul over the NHWC pixels; same parameters and results.
 
     Why: XLA:CPU computes a convolution's filter gradient on transposed copies of the activations (17% of
     ResNet-50's train step); a matmul's gradients need no relayout. ResNet-50 train step: 1.6 → 2.6 img/s.
     (k×k as an im2col matmul measured no better, so larger kernels stay convolutions.) The output is fenced
     (`materialize`) so the following BatchNorm's backward is not fused into the transposed copy the filter gradient
-    reads: 8% less CPU time per ResNet-50 and EfficientNet-B0 step.
+    reads: 8% less CPU time per ResNet-50 and EfficientNet-B0 step. GPUs and TPUs run the plain 1×1 convolution
+    (`per_backend`); its output takes the matmul's dtype (fp32 under mixed precision), which the following
+    BatchNorm reads in fp32 anyway.
     """
 
     def __call__(self, inputs):
@@ -346,11 +376,16 @@ class Conv(nnx.Conv):
         if (tuple(self.kernel_size) != (1, 1) or self.feature_group_count != 1
                 or self.input_dilation not in (1, (1, 1), None) or padding not in ("VALID", ((0, 0), (0, 0)))):
             return super().__call__(inputs)
-        sh, sw = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
-        kernel = self.kernel.value[0, 0]
+        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
+        kernel = self.kernel.value
         if self.dtype is not None:
             inputs, kernel = inputs.astype(self.dtype), kernel.astype(self.dtype)
-        out = materialize(matmul(inputs[:, ::sh, ::sw, :], kernel))
+        out = per_backend(inputs, kernel, cpu=functools.partial(_pointwise_matmul, strides=strides),
+                          accelerator=functools.partial(pointwise_conv, strides=strides, precision=self.precision))
         if self.bias is not None:
             out = out + self.bias.value.astype(out.dtype)
         return out
+
+
+def _pointwise_matmul(inputs, kernel, *, strides):
+    return _materialize(matmul(inputs[:, ::strides[0], ::strides[1], :], kernel[0, 0]))

@@ -85,7 +85,7 @@ class SelfAttention(nnx.Module):
         self.value = _linear(d, d, config, rngs, dtype, use_bias=config.qkv_bias)
         self.dropout = nnx.Dropout(config.attention_probs_dropout_prob, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, output_attentions: bool = False):
         batch, tokens, dim = x.shape
         head_dim = dim // self.num_heads
 
@@ -95,7 +95,7 @@ class SelfAttention(nnx.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         # Batched matmuls on head-major tensors: XLA:CPU runs these ~2.5x faster than the equivalent einsums.
-        context, weights = layers.attention(q, k, v, head_dim**-0.5, self.dropout)
+        context, weights = layers.attention(q, k, v, head_dim**-0.5, self.dropout, need_weights=output_attentions)
         return context.transpose(0, 2, 1, 3).reshape(batch, tokens, dim), weights
 
 
@@ -113,8 +113,8 @@ class Attention(nnx.Module):
         self.attention = SelfAttention(config, dtype, rngs)
         self.output = SelfOutput(config, dtype, rngs)
 
-    def __call__(self, x):
-        context, weights = self.attention(x)
+    def __call__(self, x, output_attentions: bool = False):
+        context, weights = self.attention(x, output_attentions)
         return self.output(context), weights
 
 
@@ -144,8 +144,8 @@ class Layer(nnx.Module):
         self.layernorm_before = _layernorm(config, dtype, rngs)
         self.layernorm_after = _layernorm(config, dtype, rngs)
 
-    def __call__(self, x):
-        attended, weights = self.attention(self.layernorm_before(x))
+    def __call__(self, x, output_attentions: bool = False):
+        attended, weights = self.attention(self.layernorm_before(x), output_attentions)
         x = attended + x
         return self.output(self.intermediate(self.layernorm_after(x)), x), weights
 
@@ -179,7 +179,7 @@ class ViT(nnx.Module):
         x = self.vit.embeddings(pixels, interpolate_pos_encoding)
         hidden, attentions = [x], []
         for layer in self.vit.encoder.layer:
-            x, weights = layer(x)
+            x, weights = layer(x, output_attentions)
             hidden.append(x)
             attentions.append(weights)
         x = self.vit.layernorm(x)

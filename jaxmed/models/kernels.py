@@ -1,0 +1,150 @@
+"""Per-backend kernels: one place decides, from the platform a computation is compiled for, whether a layer runs
+XLA:CPU's rewrites (in layers.py) or the plain operations GPUs and TPUs run well (here)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+# --- Per-backend kernels ------------------------------------------------------------------------------------------
+#
+# XLA:CPU needs the rewrites below (it runs grouped convolutions 15-70x slower than shifted multiply-adds, a 1x1
+# convolution's filter gradient on transposed copies, and fuses across block boundaries unless fenced); XLA:GPU and
+# XLA:TPU run the plain operations well and would only pay for the rewrites. The choice is made in one place,
+# `per_backend`, from the platform the computation is compiled for, i.e. the devices its arrays live on:
+#   * under a trace (jit, grad, export) it stages both kernels with `lax.platform_dependent`, and lowering keeps
+#     the one for the platform it lowers for: a step jitted on CPU arrays gets the CPU kernels even on a GPU host,
+#     and `jax.export(..., platforms=["cuda"])` on a laptop gets the GPU kernels (tests/test_lowering.py);
+#   * on concrete arrays (eager calls) it runs the kernel for the platform of their devices.
+# A process-wide flag (`jax.default_backend()`) would get both of those cases wrong.
+# Both kernels of a call must return the same shapes and dtypes (a conditional's contract): the accelerator kernel's
+# outputs are cast to the CPU kernel's dtypes (e.g. fp32 out of a bf16 1x1 convolution, as the CPU matmul returns),
+# which the consumers' casts then fuse with.
+
+KERNELS = ("cpu", "accelerator")
+_FORCED: list[str | None] = [None]
+
+
+@contextlib.contextmanager
+def force_kernels(kind: str):
+    """Test-only: every layer traced inside uses `kind`'s kernels ("cpu" or "accelerator"), whatever the platform.
+
+    On CPU, "accelerator" runs the GPU/TPU kernels through XLA:CPU (attention through the XLA implementation of
+    `jax.nn.dot_product_attention`: cuDNN cannot run there), so their numerics can be checked against PyTorch.
+    The choice is made while tracing, so jax's compilation caches are cleared on entry and exit: a function traced
+    before must not be reused with the other kernels.
+    """
+    if kind not in KERNELS:
+        raise ValueError(f"force_kernels: kind must be one of {KERNELS}, got {kind!r}")
+    previous = _FORCED[0]
+    jax.clear_caches()
+    _FORCED[0] = kind
+    try:
+        yield
+    finally:
+        _FORCED[0] = previous
+        jax.clear_caches()
+
+
+def forced_kernels() -> str | None:
+    """The kernels `force_kernels` imposes now, or None (the platform decides)."""
+    return _FORCED[0]
+
+
+def kernels_for(platform: str) -> str:
+    """"cpu" for XLA:CPU, "accelerator" for every other platform (cuda, rocm, tpu; jax's device.platform "gpu")."""
+    return "cpu" if platform == "cpu" else "accelerator"
+
+
+def _concrete_platform(args) -> str | None:
+    """The platform of the devices holding `args`, when they are all concrete arrays on one platform."""
+    platforms = set()
+    for leaf in jax.tree.leaves(args):
+        if isinstance(leaf, jax.core.Tracer):
+            return None
+        if isinstance(leaf, jax.Array):
+            platforms.update(device.platform for device in leaf.devices())
+        else:  # numpy or Python values: they go to the default device
+            platforms.add(jax.default_backend())
+    return platforms.pop() if len(platforms) == 1 else None
+
+
+def _cast_like(kernel, reference):
+    """`kernel` with its outputs cast to the dtypes `reference` returns on the same arguments."""
+
+    def cast(*args):
+        expected = jax.eval_shape(reference, *args)
+        out = kernel(*args)
+        return jax.tree.map(lambda o, e: o if o.dtype == e.dtype else o.astype(e.dtype), out, expected)
+
+    return cast
+
+
+def per_backend(*args, cpu, accelerator, cuda=None):
+    """`cpu(*args)` on XLA:CPU, `cuda(*args)` (default: `accelerator`) on NVIDIA GPUs, `accelerator(*args)` on
+    every other platform. The kernels are pure functions of `args` (arrays; configuration goes in by
+    `functools.partial`) and must agree in shapes; the accelerator kernels' dtypes are cast to the CPU kernel's.
+    """
+    forced = _FORCED[0]
+    if forced == "cpu":
+        return cpu(*args)
+    accelerator = _cast_like(accelerator, cpu)
+    if forced == "accelerator":
+        return accelerator(*args)
+    cuda = accelerator if cuda is None else _cast_like(cuda, cpu)
+    platform = _concrete_platform(args)
+    if platform is not None:
+        if kernels_for(platform) == "cpu":
+            return cpu(*args)
+        return cuda(*args) if on_cuda() else accelerator(*args)
+    return jax.lax.platform_dependent(*args, cpu=cpu, cuda=cuda, default=accelerator)
+
+
+@functools.cache
+def on_cuda() -> bool:
+    """Whether this process has an NVIDIA GPU backend (cuDNN attention can only be traced where one is)."""
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:  # no GPU backend in this process
+        return False
+    return any("rocm" not in device.client.platform_version.lower() for device in devices)
+
+
+def identity(x):
+    return x
+
+
+def cudnn_attention_supported(q) -> bool:
+    """cuDNN's fused attention takes bf16/fp16 and head_dim a multiple of 8 up to 256 (Hopper; GUIDE §6)."""
+    return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
+
+
+def fused_attention(q, k, v, *, scale, cudnn: bool):
+    """`jax.nn.dot_product_attention` on our head-major tensors (it takes BTNH; the transposes cancel against the
+    models' own). `cudnn`: the NVIDIA-GPU form, which uses cuDNN where this process can (a GPU backend is present
+    and the dtype and head_dim are supported) and XLA's composition otherwise."""
+    to_btnh = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731
+    implementation = "cudnn" if cudnn and on_cuda() and cudnn_attention_supported(q) else None
+    try:
+        out = jax.nn.dot_product_attention(to_btnh(q), to_btnh(k), to_btnh(v), scale=scale,
+                                           implementation=implementation)
+    except (NotImplementedError, RuntimeError) as error:  # cuDNN refused these shapes or this machine
+        if implementation is None:
+            raise
+        warnings.warn(f"cuDNN attention unavailable for q {q.shape} {q.dtype}: {error}; using XLA's", stacklevel=2)
+        out = jax.nn.dot_product_attention(to_btnh(q), to_btnh(k), to_btnh(v), scale=scale, implementation=None)
+    return to_btnh(out)
+
+
+def grouped_depthwise(x, kernel, *, strides, padding):
+    return jax.lax.conv_general_dilated(x, kernel, (strides, strides), padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+
+
+def pointwise_conv(inputs, kernel, *, strides, precision):
+    return jax.lax.conv_general_dilated(inputs, kernel, strides, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=precision)
