@@ -6,10 +6,9 @@ The command line only; the work is in jaxmed/evaluate/compare.py (its docstring 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from jaxmed.errors import JaxmedError
+from jaxmed.cli import OneLineParser, run_command
 
 _DESCRIPTION = """\
 Compare finished runs on the images they were all evaluated on (W/eval/<split>/predictions.csv, paired by image id).
@@ -18,17 +17,12 @@ DIR gets comparison.json and comparison.md (each run's accuracy, balanced accura
 ROC AUC and per-class recall with bootstrap 95% intervals, and its parameters, train time and images/s from
 W/train_summary.json), for every pair McNemar's exact test, paired-bootstrap intervals of the differences in
 accuracy, balanced accuracy and macro AUC, and DeLong's AUC test for two classes; verdicts.txt (one line per pair),
-roc_curves.png and differences.png. The last line printed is a JSON summary.
+roc_curves.png, differences.png and comparison.html. The last line printed is a JSON summary.
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line for people instead of usage + message
-        raise JaxmedError(f"{message} (see python -m jaxmed.compare --help)")
-
-
 def main(argv=None) -> int:
-    parser = _Parser(prog="python -m jaxmed.compare", description=_DESCRIPTION,
+    parser = OneLineParser(prog="python -m jaxmed.compare", description=_DESCRIPTION,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdirs", nargs="*", metavar="W", help="run directories trained by jaxmed.main (two or more)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the comparison goes (created)")
@@ -38,26 +32,14 @@ def main(argv=None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="R",
                         help="resamples for the 95%% intervals (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default: 0)")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:  # --help
-        return int(stop.code or 0)
-    except JaxmedError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    from jaxmed.distributed import setup_logging
+    return run_command(parser, argv, _compare)
 
-    setup_logging()
-    try:
-        from jaxmed.evaluate.compare import compare
 
-        summary = compare(args.workdirs, args.out, split=args.split, names=args.names, resamples=args.bootstrap,
-                          seed=args.seed)
-    except JaxmedError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary), flush=True)
-    return 0
+def _compare(args) -> dict:
+    from jaxmed.evaluate.compare import compare
+
+    return compare(args.workdirs, args.out, split=args.split, names=args.names, resamples=args.bootstrap,
+                   seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@
 DIR gets config.json (architectures, id2label/label2id of the run's classes), model.safetensors and
 preprocessor_config.json. Only the checkpoint is read — not the data, not the devices it was trained on — and the
 same weights always give the same bytes. The stacked autoencoder's directory is described in jaxmed/models/sae.py.
+
+For `python -m jaxmed.predict --model DIR`, DIR also gets what a colleague without the run needs to predict as the
+run does: jaxmed_input.json (the run's data.grayscale and data.dicom_frame) and, when evaluation stored them for the
+exported checkpoint, the run's calibration.json (temperature) and operating_point.json. transformers ignores them.
 """
 
 from __future__ import annotations
@@ -44,11 +48,35 @@ def load_trained(workdir, which: str = "best", *, dtype=None):
     return model, source
 
 
+INPUT_FILE = "jaxmed_input.json"  # the run's input handling that preprocessor_config.json has no field for
+STORED_WITH_RUN = ("calibration.json", "operating_point.json")
+
+
 def export(workdir, out, which: str = "best"):
+    from pathlib import Path
+
+    from jaxmed.config import load_run_config
     from jaxmed.convert import hub
+    from jaxmed.train.checkpoint import workdir_path
 
     model, source = load_trained(workdir, which)
-    path = hub.save_pretrained(model, out)
+    path = Path(hub.save_pretrained(model, out))
+    directory = workdir_path(workdir)
+    if (directory / "config.json").exists():  # every jaxmed.main run has one; bare checkpoint folders do not
+        data = load_run_config(directory).data
+        (path / INPUT_FILE).write_text(json.dumps(
+            {"grayscale": bool(data.grayscale), "dicom_frame": int(data.get("dicom_frame", -1)),
+             "exported_from": f"{directory} {source}"}, indent=1) + "\n")
+    for name in STORED_WITH_RUN:
+        stored = directory / name
+        (path / name).unlink(missing_ok=True)  # a previous export's, into the same DIR
+        value = json.loads(stored.read_text()) if stored.exists() else None
+        if value is None:
+            continue
+        if value.get("checkpoint") != source:  # fitted on another checkpoint's logits: not this model's
+            log.warning("%s is for %s, not the exported %s: not copied", stored, value.get("checkpoint"), source)
+            continue
+        (path / name).write_text(json.dumps(value, indent=1) + "\n")
     log.info("exported %s (%s, %d classes) to %s", source, model.config.model_type, model.config.num_labels, path)
     return path
 

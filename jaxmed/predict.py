@@ -9,6 +9,8 @@ skipped.csv (path, reason), summary.json and explain/. Probabilities are softmax
 calibration.json next to the model ({"temperature": T}; else T = 1), and rows are flagged when
 p_<positive_class> >= threshold from operating_point.json ({"positive_class": name, "threshold": t}); evaluation
 writes both for the checkpoint it evaluated, and a file naming another checkpoint is not applied (summary: notes).
+jaxmed.export copies both into HF_DIR with jaxmed_input.json (the run's data.grayscale and data.dicom_frame), so
+--model predicts as --workdir does.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxmed.cli import OneLineParser, run_command
 from jaxmed.data import decode
 from jaxmed.errors import JaxmedError
 
@@ -77,7 +80,8 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
                               "`python -m jaxmed.export --workdir W --out DIR`")
         stored = _stored_with(directory)
         model, source = hub.from_pretrained(directory), None
-        grayscale, frame, origin = not color, -1, {"model": str(directory)}
+        grayscale, frame = _exported_input(directory, color)
+        origin = {"model": str(directory)}
     names = [model.config.id2label[index] for index in range(model.config.num_labels)]
     preprocessor = Preprocessor.from_config(hub.preprocessor_config(model))
     cache.eval_size(preprocessor)  # batching needs one input size: fail now, not after decoding
@@ -93,6 +97,22 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
     return Predictor(model, names, preprocessor, grayscale, frame, temperature, stored[0] is not None,
                      _operating_point(stored[1], directory / "operating_point.json", names), origin,
                      batch_size or DEFAULT_BATCH_SIZE, notes)
+
+
+def _exported_input(directory: Path, color: bool) -> tuple[bool, int]:
+    """(grayscale, dicom_frame) from the jaxmed_input.json jaxmed.export writes; without one (a plain HF directory)
+    images are converted to gray unless `color`."""
+    from jaxmed.export import INPUT_FILE
+
+    stored = _read_json(directory / INPUT_FILE)
+    if stored is None:
+        return not color, -1
+    grayscale, frame = stored.get("grayscale"), stored.get("dicom_frame", -1)
+    if not isinstance(grayscale, bool) or isinstance(frame, bool) or not isinstance(frame, int):
+        raise JaxmedError(f"{directory / INPUT_FILE}: grayscale must be true/false and dicom_frame an integer")
+    if color and grayscale:
+        raise JaxmedError(f"--color: {directory / INPUT_FILE} says the model was trained on grayscale images")
+    return grayscale, frame
 
 
 def _stored_with(directory) -> list:
@@ -332,45 +352,24 @@ def explain(predictor: Predictor, result: Predictions, out_dir: Path) -> list[Pa
     return written
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line for people instead of usage + message
-        raise JaxmedError(f"{message} (see python -m jaxmed.predict --help)")
-
-
 def main(argv=None) -> int:
     purpose, usage, outputs = __doc__.split("\n\n")[:3]
-    parser = _Parser(prog="python -m jaxmed.predict", usage=" ".join(usage.split()),
+    parser = OneLineParser(prog="python -m jaxmed.predict", usage=" ".join(usage.split()),
                      description=f"{purpose}\n\n{outputs}", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, DICOM files or folders (recursive)")
     parser.add_argument("--workdir", metavar="W", help="a run directory trained by jaxmed.main")
     parser.add_argument("--checkpoint", metavar="WHICH", help="with --workdir: best (default), latest or a step")
     parser.add_argument("--model", metavar="HF_DIR", help="instead of --workdir: a directory jaxmed.export wrote")
     parser.add_argument("--color", action="store_true",
-                        help="with --model: keep colour. An exported directory does not record the run's "
-                             "data.grayscale, so --model converts images to gray unless told (runs do by default)")
+                        help="with --model on a directory without jaxmed_input.json (not written by jaxmed.export): "
+                             "keep colour; such a directory does not say, so images are converted to gray")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the outputs go (created)")
     parser.add_argument("--explain", type=int, default=0, metavar="N", help="overlays of the first N readable images "
                         "in DIR/explain/: attention rollout (ViT), Grad-CAM of the predicted class (the others)")
     parser.add_argument("--strict", action="store_true", help="any unreadable input is an error (exit 2)")
     parser.add_argument("--batch-size", type=int, default=0, metavar="B",
                         help="images per device step; default: the run's train.eval_batch_size, else 64")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:  # --help
-        return int(stop.code or 0)
-    except JaxmedError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    from jaxmed.distributed import setup_logging
-
-    setup_logging()
-    try:
-        summary = run(args)
-    except JaxmedError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary), flush=True)
-    return 0
+    return run_command(parser, argv, run)
 
 
 def run(args) -> dict:

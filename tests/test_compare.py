@@ -1,7 +1,6 @@
 """`python -m jaxmed.compare`: paired tests on synthetic predictions whose answers are known, one-line refusals of
 runs that cannot be compared, and the real command line on two really trained tiny runs."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers_configs import config_file
 from jaxmed import compare, experiment
 from jaxmed.config import base_config
 from jaxmed.evaluate.report import write_predictions
@@ -186,10 +186,7 @@ def test_help_describes_the_command(capsys):
 
 
 def _tiny_config(seed: int, cache_dir: Path):
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "tests/tiny_config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_file("tests/tiny_config.py")
     config.seed = seed
     config.data.cache_dir = str(cache_dir)
     config.train.async_checkpoints = False
@@ -239,3 +236,12 @@ def test_cli_compares_two_trained_runs(trained_runs, tmp_path):
         assert (out / name).stat().st_size > 5000, name
     verdicts = (out / "verdicts.txt").read_text().splitlines()
     assert len(verdicts) == 1 and verdicts[0].startswith("seed3 − seed4 accuracy")
+    # comparison.html: both figures embedded, the verdict shown, every tagged number equal to comparison.json
+    from test_report_html import _expected, _parse
+
+    page = _parse((out / "comparison.html").read_text())
+    assert len(page.images) == 2 and all(link.startswith("data:image/png;base64,") for link in page.links)
+    assert len(page.tagged) > 20 and "pairs.0.mcnemar.pvalue" in page.numbers
+    for key, shown in page.tagged:
+        assert shown == _expected(comparison, key), key
+    assert verdicts[0] in (out / "comparison.html").read_text()

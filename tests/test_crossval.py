@@ -2,24 +2,19 @@
 per-fold and pooled out-of-fold numbers; a fold stopped by SIGTERM resumes, finished folds are not retrained."""
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers_configs import config_file
 from jaxmed import crossval
 from jaxmed.train import loop
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _config(tmp_path, folds=3):
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "tests/tiny_config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_file("tests/tiny_config.py")
     config.data.cache_dir = str(tmp_path / "cache")
     config.train.async_checkpoints = False
     config.eval.bootstrap = 100

@@ -2,7 +2,6 @@
 real image folder (scikit-learn's bundled handwritten digits) given with data.format=imagefolder, with the training
 budget stretched to train.min_steps; its export opens in transformers with the logits jaxmed computes."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,18 +11,14 @@ import torch
 from ml_collections import ConfigDict
 from transformers import AutoModelForImageClassification
 
+from helpers_configs import config_file
 from jaxmed import experiment, export, train
 from jaxmed.train.optim import Phase
 from jaxmed.train.run import training_budget
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _demo_config(tmp_path):
-    spec = importlib.util.spec_from_file_location("demo", ROOT / "configs/demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_file("configs/demo.py")
     config.data.cache_dir = str(tmp_path / "cache")
     config.train.async_checkpoints = False
     config.eval.bootstrap = 100

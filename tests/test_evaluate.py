@@ -2,31 +2,26 @@
 checkpoint selection, and the exported directory opened by transformers alone."""
 
 import csv
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
+from helpers_configs import config_file
 from jaxmed import evaluate, experiment, export, train
 from jaxmed.train.checkpoint import Checkpoints
 from jaxmed.config import load_run_config
 from jaxmed.errors import JaxmedError
 
-ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("confusion_matrix.png", "roc_curves.png", "pr_curves.png", "training_curves.png", "predictions_grid.png",
            "attention_rollout.png", "gradcam_predicted_class.png")
 
 
 def _config(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_file(f"{name}.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Patient-level splits: data.group_pattern keeps every patient on one side of a carved split, reports patients
 shared by the given splits, and W/splits.csv records it all, byte for byte the same for the same config and seed."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -4,7 +4,6 @@ and the command line's refusals."""
 
 import csv
 import importlib
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from scipy.special import softmax
 
+from helpers_configs import config_file
 from jaxmed import experiment, export, predict
 from jaxmed.data import synthetic
 
@@ -44,10 +44,7 @@ def trained(tmp_path_factory):
     W/calibration.json for the best checkpoint (T = 1 here), which predict reads."""
     base = tmp_path_factory.mktemp("predict")
     _write_dataset(base / "data")
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "tests/tiny_config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_file("tests/tiny_config.py")
     config.data.format, config.data.root, config.data.cache_dir = "imagefolder", str(base / "data"), str(base / "cache")
     config.train.async_checkpoints = False
     config.eval.bootstrap, config.eval.explain_per_class = 0, 0
@@ -196,6 +193,44 @@ def test_calibration_and_operating_point_files_are_applied(trained, from_workdir
         calibration.write_text(json.dumps({"temperature": -1}))
         assert predict.main(["--workdir", str(workdir), str(test_folder), "--out", str(out)]) == 2
         _one_error_line(capsys, "temperature must be a positive number")
+    finally:
+        calibration.write_text(evaluations)
+        point.unlink(missing_ok=True)
+
+
+def test_export_carries_temperature_operating_point_and_input_handling(trained, tmp_path, capsys):
+    """A colleague with only the exported directory gets the run's calibrated probabilities and flags."""
+    workdir, test_folder, _ = trained
+    files, _, _ = predict.collect_inputs([str(test_folder)])
+    calibration, point = workdir / "calibration.json", workdir / "operating_point.json"
+    evaluations = calibration.read_text()
+    best = json.loads(evaluations)["checkpoint"]
+    assert best.startswith("best/")
+    try:
+        calibration.write_text(json.dumps({"temperature": 2.5, "checkpoint": best}))
+        run = predict.predict_files(predict.load_predictor(workdir=workdir), files)
+        threshold = float(np.median(run.probabilities[:, 1]))
+        point.write_text(json.dumps({"positive_class": NAMES[1], "threshold": threshold, "checkpoint": best}))
+        run = predict.predict_files(predict.load_predictor(workdir=workdir), files)
+        assert 0 < run.flagged.sum() < len(files)
+        out = export.export(workdir, tmp_path / "model")
+        assert json.loads((out / "calibration.json").read_text())["temperature"] == 2.5
+        assert json.loads((out / "operating_point.json").read_text())["threshold"] == threshold
+        handling = json.loads((out / "jaxmed_input.json").read_text())
+        assert handling["grayscale"] is True and handling["dicom_frame"] == -1 and best in handling["exported_from"]
+        loaded = predict.load_predictor(model_dir=out)
+        assert (loaded.temperature, loaded.grayscale, loaded.calibrated) == (2.5, True, True)
+        colleague = predict.predict_files(loaded, files)
+        difference = np.max(np.abs(colleague.probabilities - run.probabilities))
+        print(f"max |Δp| exported (T = 2.5) vs run: {difference:.3g}")
+        assert difference <= 1e-6 and colleague.flagged.tolist() == run.flagged.tolist()
+        assert predict.main(["--model", str(out), "--color", str(test_folder), "--out", str(tmp_path / "o")]) == 2
+        _one_error_line(capsys, "--color", "trained on grayscale images")
+
+        # another checkpoint's temperature and threshold do not travel; a stale copy in the same DIR is removed
+        out = export.export(workdir, tmp_path / "model", "latest")
+        assert not (out / "calibration.json").exists() and not (out / "operating_point.json").exists()
+        assert predict.load_predictor(model_dir=out).temperature == 1.0
     finally:
         calibration.write_text(evaluations)
         point.unlink(missing_ok=True)

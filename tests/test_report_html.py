@@ -4,23 +4,21 @@ headless Chromium (it renders, every figure decodes and displays, every tagged n
 import base64
 import csv
 import html.parser
-import importlib.util
 import io
 import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers_configs import config_file
 from jaxmed.evaluate import calibration, figures, metrics
 from jaxmed.evaluate import html as report_html
 from jaxmed.evaluate.report import read_predictions
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no `chromium` on PATH (Debian package chromium; "
                                                              "`make test` installs it)")
@@ -41,10 +39,7 @@ def run_dir(tmp_path_factory):
     from jaxmed import experiment
 
     workdir = tmp_path_factory.mktemp("run")
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "tests/tiny_config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_file("tests/tiny_config.py")
     config.data.cache_dir = str(workdir.parent / "cache")
     config.train.async_checkpoints = False
     config.eval.positive_class = "meningioma"

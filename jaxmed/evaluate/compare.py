@@ -7,7 +7,8 @@ the rows by image id. DIR gets comparison.json and comparison.md (every run's ac
 κ, macro F1, macro ROC AUC and per-class recall with bootstrap 95% intervals, plus its size and speed from
 W/train_summary.json), for every pair McNemar's exact test, paired-bootstrap intervals of the differences and, for
 two classes, DeLong's test of the AUC difference; verdicts.txt (one plain-language line per pair), roc_curves.png
-(all runs overlaid) and differences.png (a forest plot of the paired differences).
+(all runs overlaid), differences.png (a forest plot of the paired differences) and comparison.html (all of it in
+one self-contained page).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxmed.errors import JaxmedError
-from jaxmed.evaluate import compare_figures, metrics, paired
+from jaxmed.evaluate import compare_figures, html, metrics, paired
 from jaxmed.evaluate.report import read_predictions
 
 log = logging.getLogger("jaxmed.compare")
@@ -73,6 +74,7 @@ def compare(workdirs, out, *, split: str = "test", names=None, resamples: int = 
                                 [row["metrics"]["roc_auc_macro"]["value"] for row in comparison["runs"]],
                                 out / "roc_curves.png")
     compare_figures.differences(comparison["pairs"], _paired_labels(runs[0].class_names), out / "differences.png")
+    html.write_comparison_html(out, comparison)
     for pair in comparison["pairs"]:
         log.info("%s", pair["verdict"])
     log.info("compared %d runs on %d %s images → %s", len(runs), comparison["num_examples"], split, out)
