@@ -143,7 +143,7 @@ def jaxmed_step(name: str, model_class, config, batch: int, size: int, seconds: 
 
     value = rate(run, batch, seconds)
     loss = float(jax.device_get(compiled(state, arrays)[1]["loss"]))
-    del state, arrays, compiled
+    state = arrays = compiled = None  # free the device memory before PyTorch runs
     return {"img_s": value, "flops": flops, "compile_s": compile_s, "loss": loss, "kernels": kernels,
             "images": images, "labels": labels, "reference": reference}
 
