@@ -111,8 +111,8 @@ def markdown(summary: dict) -> str:
              "| metric | mean | sd | " + " | ".join(f"fold {k}" for k in range(folds)) + " |",
              "|---|---|---|" + "---|" * folds]
     for name, row in summary["metrics"].items():
-        lines.append(f"| {name} | {_number(row['mean'])} | {_number(row['sd'])} | "
-                     + " | ".join(_number(value) for value in row["values"]) + " |")
+        lines.append(f"| {name} | {report.format_number(row['mean'])} | {report.format_number(row['sd'])} | "
+                     + " | ".join(report.format_number(value) for value in row["values"]) + " |")
     pooled = summary["pooled"]
     lines += ["", f"## Pooled out-of-fold predictions ({pooled['num_examples']} images)", "",
               f"- accuracy: {pooled['accuracy']:.4f}"
@@ -120,7 +120,7 @@ def markdown(summary: dict) -> str:
                  if pooled.get("ci95") else ""),
               f"- balanced accuracy: {pooled['balanced_accuracy']:.4f}",
               f"- macro F1: {pooled['macro']['f1']:.4f}",
-              f"- ROC AUC (macro): {_number(pooled['roc_auc']['macro'])}",
+              f"- ROC AUC (macro): {report.format_number(pooled['roc_auc']['macro'])}",
               f"- ECE (15 bins): {pooled['calibration']['ece_15']:.4f}", ""]
     return "\n".join(lines)
 
@@ -131,7 +131,3 @@ def _at(tree: dict, path: tuple):
             return None
         tree = tree[key]
     return tree
-
-
-def _number(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

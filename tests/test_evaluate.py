@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
-from helpers_configs import config_file
-from jaxmed import evaluate, experiment, export, train
+from helpers_configs import train_tiny_run
+from jaxmed import evaluate, export, train
 from jaxmed.train.checkpoint import Checkpoints
 from jaxmed.config import load_run_config
 from jaxmed.errors import JaxmedError
@@ -20,24 +20,10 @@ FIGURES = ("confusion_matrix.png", "roc_curves.png", "pr_curves.png", "training_
            "attention_rollout.png", "gradcam_predicted_class.png")
 
 
-def _config(name):
-    return config_file(f"{name}.py")
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """The tiny ViT trained 8 steps (validated at 4 and 8), with an operating point for `meningioma`."""
-    workdir = tmp_path_factory.mktemp("run")
-    config = _config("tests/tiny_config")
-    config.data.cache_dir = str(workdir.parent / "cache")
-    config.train.async_checkpoints = False
-    config.train.keep_best = 2
-    config.eval.positive_class = "meningioma"
-    config.eval.target_recall = 0.9
-    config.eval.bootstrap = 200
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))  # as jaxmed.main does
-    experiment.train_and_evaluate(config, workdir)
-    return workdir
+    return train_tiny_run(tmp_path_factory.mktemp("run"))
 
 
 def test_end_of_training_writes_the_full_evaluation(run_dir):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers_configs import config_file
+from helpers_configs import train_tiny_run
 from jaxmed.evaluate import calibration, figures, metrics
 from jaxmed.evaluate import html as report_html
 from jaxmed.evaluate.report import read_predictions
@@ -36,18 +36,7 @@ PROBE = ("<script>window.addEventListener('load', () => { for (const image of do
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """The tiny ViT trained 8 steps, with an operating point for `meningioma` (as tests/test_evaluate.py)."""
-    from jaxmed import experiment
-
-    workdir = tmp_path_factory.mktemp("run")
-    config = config_file("tests/tiny_config.py")
-    config.data.cache_dir = str(workdir.parent / "cache")
-    config.train.async_checkpoints = False
-    config.eval.positive_class = "meningioma"
-    config.eval.target_recall = 0.9
-    config.eval.bootstrap = 200
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    experiment.train_and_evaluate(config, workdir)
-    return workdir
+    return train_tiny_run(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
@@ -149,17 +138,12 @@ def test_comparison_page_holds_the_runs_the_pairs_and_the_figures(tmp_path):
     _png(tmp_path / "differences.png")
     path = report_html.write_comparison_html(tmp_path, comparison)
     assert path == tmp_path / "comparison.html"
-    text = path.read_text()
-    parsed = _parse(text)
+    text, parsed = _check_page(path, comparison, (
+        "runs.0.metrics.accuracy.value", "runs.1.metrics.accuracy.ci95.1", "runs.0.metrics.roc_auc_macro.value",
+        "runs.1.metrics.recall.pituitary.ci95.0", "runs.0.training.parameters", "pairs.0.mcnemar.pvalue",
+        "pairs.0.paired_bootstrap.accuracy.difference", "pairs.0.delong.pvalue"))
     assert [image["alt"] for image in parsed.images] == ["Paired differences with 95% intervals"]
-    assert all(link.startswith("data:image/png;base64,") for link in parsed.links)
     assert "no evidence &lt;here&gt;" in text and "<here>" not in text
-    for key, shown in parsed.tagged:
-        assert shown == _expected(comparison, key), key
-    for key in ("runs.0.metrics.accuracy.value", "runs.1.metrics.accuracy.ci95.1", "runs.0.metrics.roc_auc_macro.value",
-                "runs.1.metrics.recall.pituitary.ci95.0", "runs.0.training.parameters", "pairs.0.mcnemar.pvalue",
-                "pairs.0.paired_bootstrap.accuracy.difference", "pairs.0.delong.pvalue"):
-        assert key in parsed.numbers, key
     assert parsed.numbers["runs.0.metrics.roc_auc_macro.value"] == "n/a"
 
 
@@ -178,16 +162,12 @@ def test_cv_page_holds_per_fold_metrics_and_the_pooled_report(tmp_path):
     _png(tmp_path / "reliability_diagram.png")
     path = report_html.write_cv_html(tmp_path, summary)
     assert path == tmp_path / "summary.html"
-    text = path.read_text()
-    parsed = _parse(text)
-    assert len(parsed.images) == 2 and all(link.startswith("data:image/png;base64,") for link in parsed.links)
+    text, parsed = _check_page(path, summary, (
+        "metrics.accuracy.values.2", "metrics.recall/glioma.sd", "metrics.temperature.mean", "pooled.accuracy",
+        "pooled.ci95.accuracy.0", "pooled.per_class.meningioma.f1", "pooled.confusion_matrix.2.1",
+        "pooled.calibration.ece_15"))
+    assert len(parsed.images) == 2
     assert "3-fold cross-validation" in text and ">Calibration</h3>" in text
-    for key, shown in parsed.tagged:
-        assert shown == _expected(summary, key), key
-    for key in ("metrics.accuracy.values.2", "metrics.recall/glioma.sd", "metrics.temperature.mean",
-                "pooled.accuracy", "pooled.ci95.accuracy.0", "pooled.per_class.meningioma.f1",
-                "pooled.confusion_matrix.2.1", "pooled.calibration.ece_15"):
-        assert key in parsed.numbers, key
 
 
 def test_missing_optional_sections_are_left_out(tmp_path):
@@ -239,6 +219,19 @@ class _Page(html.parser.HTMLParser):
 
     def handle_endtag(self, tag):
         self._open = None
+
+
+def _check_page(path, tree, keys) -> tuple[str, _Page]:
+    """(text, parsed) of a written page whose images are all embedded, whose every tagged number shows `tree`'s
+    value, and which tags each of `keys`."""
+    text = path.read_text()
+    parsed = _parse(text)
+    assert all(link.startswith("data:image/png;base64,") for link in parsed.links)
+    for key, shown in parsed.tagged:
+        assert shown == _expected(tree, key), key
+    for key in keys:
+        assert key in parsed.numbers, key
+    return text, parsed
 
 
 def _parse(text: str) -> _Page:

@@ -126,17 +126,17 @@ def markdown(report: dict) -> str:
              f"{report.get('checkpoint', '?')}", "",
              f"- accuracy: {report['accuracy']:.4f}{interval(ci.get('accuracy'))}",
              f"- balanced accuracy: {report['balanced_accuracy']:.4f}",
-             f"- Cohen's κ: {_number(report['cohen_kappa'])}",
+             f"- Cohen's κ: {format_number(report['cohen_kappa'])}",
              f"- macro F1: {report['macro']['f1']:.4f}{interval(ci.get('f1_macro'))}",
-             f"- ROC AUC (macro, one-vs-rest): {_number(auc['macro'])}"]
+             f"- ROC AUC (macro, one-vs-rest): {format_number(auc['macro'])}"]
     if "sensitivity" in report:
-        lines.append(f"- sensitivity {_number(report['sensitivity'])}, specificity "
-                     f"{_number(report['specificity'])} (positive: {report['class_names'][1]})")
+        lines.append(f"- sensitivity {format_number(report['sensitivity'])}, specificity "
+                     f"{format_number(report['specificity'])} (positive: {report['class_names'][1]})")
     lines += ["", "| class | precision | recall (95% CI) | F1 | ROC AUC | support |", "|---|---|---|---|---|---|"]
     recall_ci = ci.get("recall") or {}
     for name, row in report["per_class"].items():
         lines.append(f"| {name} | {row['precision']:.4f} | {row['recall']:.4f}{interval(recall_ci.get(name))} | "
-                     f"{row['f1']:.4f} | {_number(auc['per_class'].get(name))} | {row['support']} |")
+                     f"{row['f1']:.4f} | {format_number(auc['per_class'].get(name))} | {row['support']} |")
     for average in ("macro", "weighted"):
         row = report[average]
         lines.append(f"| *{average}* | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | | |")
@@ -148,8 +148,8 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|"]
         for split in ("val", report.get("split")):
             row = point[split]
-            lines.append(f"| {split} | {_number(row['sensitivity'])} | {_number(row['specificity'])} | "
-                         f"{_number(row['precision'])} | {row['flagged']} of {row['num_examples']} |")
+            lines.append(f"| {split} | {format_number(row['sensitivity'])} | {format_number(row['specificity'])} | "
+                         f"{format_number(row['precision'])} | {row['flagged']} of {row['num_examples']} |")
     calibrated = report.get("calibration")
     if calibrated:
         scaled = (f"temperature T = {calibrated['temperature']:.4f} fitted on {calibrated['fitted_on']} (probabilities "
@@ -165,7 +165,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _number(value) -> str:
+def format_number(value) -> str:
+    """A metric for tables: 4 decimals, or n/a where it is undefined (None)."""
     return "n/a" if value is None else f"{value:.4f}"
 
 
