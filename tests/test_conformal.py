@@ -185,3 +185,51 @@ def test_summary_rates_and_wilson_intervals():
     assert result["mean_set_size"] == 6 / 5 and result["singleton_rate"] == 2 / 5 and result["empty_rate"] == 1 / 5
     assert result["set_size_counts"] == [1, 2, 2, 0]
     assert conformal.set_labels(sets[:3], ["a", "b", "c"]) == ["a", "a|b", ""]
+
+
+def _evaluate(calibration_split, seed=0):
+    rng = np.random.default_rng(5)
+    probabilities, labels = _simulated(400, rng)
+    images = rng.integers(0, 256, size=(400, 4, 4, 3), dtype=np.uint8)
+    return conformal.evaluate((probabilities[:300], labels[:300], images, np.arange(300)),
+                              (probabilities[300:], labels[300:], images, np.arange(300, 400)), list("abcd"),
+                              method="aps", alpha=0.1, mondrian=True, seed=seed, calibration_split=calibration_split,
+                              evaluated_split="test")
+
+
+def test_reusing_val_is_reported_as_approximate_and_sets_are_deterministic_by_seed():
+    section, fitted, sets = _evaluate("val")
+    assert section["approximate"] and "approximate" in section["guarantee"] and fitted["calibration_split"] == "val"
+    assert set(section) >= {"alpha", "method", "calibration_split", "coverage", "coverage_per_class",
+                            "mean_set_size", "singleton_rate", "empty_rate"}
+    held_out, _, same = _evaluate("calibration")
+    assert not held_out["approximate"] and "approximate" not in held_out["guarantee"]
+    assert (same == sets).all()  # same images, same seed: the same randomised sets
+    assert not (_evaluate("calibration", seed=1)[2] == sets).all()
+
+
+def test_compare_shows_each_runs_coverage_and_mean_set_size(tmp_path, capsys):
+    import json
+
+    from jaxmed import compare
+    from jaxmed.config import base_config
+    from jaxmed.evaluate.report import write_predictions
+
+    rng = np.random.default_rng(0)
+    probabilities, labels = _simulated(60, rng)
+    for name, coverage in (("a", 0.95), ("b", 0.9)):
+        workdir = tmp_path / name
+        (workdir / "eval/test").mkdir(parents=True)
+        (workdir / "config.json").write_text(base_config().to_json_best_effort())
+        write_predictions(workdir / "eval/test/predictions.csv", [f"{i}.png" for i in range(60)], labels,
+                          probabilities, list("abcd"), prediction_sets=["a|b"] * 60)
+        (workdir / "eval/test/report.json").write_text(json.dumps({"conformal": {
+            "method": "aps", "alpha": 0.05, "mondrian": True, "calibration_split": "calibration",
+            "coverage": {"value": coverage, "ci95": [coverage - 0.05, 0.99], "count": 60}, "mean_set_size": 1.5}}))
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out"),
+                         "--bootstrap", "20"]) == 0
+    table = (tmp_path / "out/comparison.md").read_text()
+    assert "| conformal coverage | 0.9500 (0.9000–0.9900) (aps, α = 0.05) | 0.9000 (0.8500–0.9900)" in table
+    assert "| mean set size | 1.50 | 1.50 |" in table
+    page = (tmp_path / "out/comparison.html").read_text()
+    assert 'data-key="runs.1.conformal.coverage.value"' in page

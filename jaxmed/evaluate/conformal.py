@@ -16,10 +16,16 @@ in every evaluation and prediction, whatever else is in the batch.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
+
+from jaxmed.errors import JaxmedError
+
+log = logging.getLogger("jaxmed.conformal")
 
 METHODS = ("lac", "aps", "raps")
 RAPS_LAMBDA = 0.01  # Angelopoulos et al.'s penalty per rank beyond k_reg (their ImageNet choice)
@@ -139,3 +145,83 @@ def set_size_histogram(size_counts, path, *, title: str = "Prediction set sizes"
         fig.savefig(path, dpi=120, format="png")
     finally:
         fig.clear()
+
+
+def evaluate(calibration, evaluated, class_names, *, method: str, alpha: float, mondrian: bool, seed: int,
+             calibration_split: str, evaluated_split: str) -> tuple[dict, dict, np.ndarray]:
+    """(the report's `conformal` section, the fitted thresholds to store with the run, the evaluated split's sets).
+
+    `calibration` and `evaluated`: (calibrated probabilities, labels, images, row indices into images) of the split
+    the thresholds are fitted on and of the split they are measured on; images give APS/RAPS their u."""
+    def uniforms(images, indices):
+        return None if method == "lac" else uniforms_for([image_digest(images[i]) for i in indices], seed)
+
+    probabilities, labels, images, indices = calibration
+    fitted = fit(probabilities, labels, method=method, alpha=alpha, mondrian=mondrian,
+                 uniforms=uniforms(images, indices))
+    fitted.update(calibration_split=calibration_split, seed=int(seed), class_names=list(class_names))
+    probabilities, labels, images, indices = evaluated
+    sets = prediction_sets(probabilities, fitted, uniforms(images, indices))
+    held_out = calibration_split == "calibration"
+    guarantee = (f"split conformal: for images exchangeable with the {calibration_split} split, P(true class in "
+                 f"set) >= {1 - alpha:g}" + (" for every class" if mondrian else " on average over images"))
+    if not held_out:
+        guarantee += (f" — approximate: {calibration_split} also chose the checkpoint and the temperature; set "
+                      "data.calibration_fraction > 0 for calibration images that chose nothing")
+    if evaluated_split == calibration_split:
+        guarantee += f"; coverage is measured on the {calibration_split} images themselves (optimistic)"
+    section = {"alpha": float(alpha), "method": method, "mondrian": bool(mondrian),
+               "calibration_split": calibration_split, "calibration_images": len(calibration[1]),
+               "approximate": not held_out, "guarantee": guarantee, "thresholds": fitted["thresholds"],
+               **summary(labels, sets, class_names)}
+    return section, fitted, sets
+
+
+def read_stored(directory, source, temperature: float, class_names, notes: list) -> dict | None:
+    """directory/conformal.json (evaluation writes it for W's best checkpoint; export copies it) when it was fitted
+    for these weights (`source`: the checkpoint, None for an exported directory), classes and temperature; else
+    None, with the reason appended to `notes` and logged: predict then writes an empty prediction_set."""
+    path = Path(directory) / "conformal.json"
+    fitted, why = None, None
+    if not path.exists():
+        why = (f"no conformal.json in {directory} (evaluated before conformal sets existed?): prediction_set is "
+               "empty; `python -m jaxmed.evaluate --workdir W` fits them (then export again)")
+    else:
+        try:
+            fitted = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise JaxmedError(f"cannot read {path}: {error}") from None
+        thresholds = fitted.get("thresholds") if isinstance(fitted, dict) else None
+        if (not isinstance(thresholds, list) or len(thresholds) != len(class_names) or fitted.get("method") not in
+                METHODS or fitted.get("class_names", list(class_names)) != list(class_names)):
+            raise JaxmedError(f"{path} does not hold conformal thresholds for the classes {list(class_names)}: "
+                              "re-run `python -m jaxmed.evaluate --workdir W`")
+        if source is not None and fitted.get("checkpoint") not in (None, source):
+            why = f"conformal.json is for {fitted.get('checkpoint')}, not {source}: not applied, prediction_set is empty"
+        elif not math.isclose(fitted.get("temperature", temperature), temperature, rel_tol=1e-9):
+            why = (f"conformal.json was fitted at temperature {fitted.get('temperature')}, the probabilities use "
+                   f"{temperature:g}: not applied, prediction_set is empty")
+    if why:
+        notes.append(why)
+        log.warning("%s", why)
+        return None
+    return fitted
+
+
+def sets_for_stored(fitted: dict | None, probabilities, digests) -> np.ndarray | None:
+    """Prediction sets from conformal.json's thresholds, u from the images' digests; None without thresholds."""
+    if fitted is None:
+        return None
+    uniforms = uniforms_for(digests, fitted.get("seed", 0)) if fitted["method"] != "lac" else None
+    return prediction_sets(probabilities, fitted, uniforms)
+
+
+def stored_summary(fitted: dict, sets: np.ndarray) -> dict:
+    """What predict's summary.json says about the sets."""
+    sizes = np.asarray(sets).sum(1)
+    approximate = fitted.get("calibration_split") != "calibration"
+    return {key: fitted.get(key) for key in ("method", "mondrian", "alpha", "calibration_split")} | {
+        "mean_set_size": float(sizes.mean()) if len(sizes) else None, "empty_sets": int((sizes == 0).sum()),
+        "guarantee": f"a set holds the true class with probability >= {1 - fitted['alpha']:g} for images exchangeable "
+                     f"with the {fitted.get('calibration_split')} split"
+                     + (" (approximate: that split also chose the checkpoint)" if approximate else "")}
