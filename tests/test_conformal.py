@@ -104,7 +104,8 @@ class _Fixed:
     def __sklearn_tags__(self):
         from sklearn.utils import Tags, ClassifierTags, TargetTags
 
-        return Tags(estimator_type="classifier", classifier_tags=ClassifierTags(), target_tags=TargetTags(required=True))
+        return Tags(estimator_type="classifier", classifier_tags=ClassifierTags(),
+                    target_tags=TargetTags(required=True))
 
     def __sklearn_is_fitted__(self):
         return True
@@ -124,8 +125,8 @@ def test_same_sets_as_mapie(method):
     params = {"include_last_label": "randomized"} if method == "aps" else None
     _, theirs = mapie.predict_set(test[:, None], conformity_score_params=params)
     theirs = theirs[:, :, 0]
-    # MAPIE's APS score is cumsum(through y) − u·p_y = mass above y + (1 − u)·p_y: our u is 1 − its u, and it draws
-    # u afresh from RandomState(seed) in conformalize and in predict_set.
+    # MAPIE's APS score is cumsum(through y) − u·p_y = mass above y + (1 − u)·p_y: our u is 1 − its u, and it
+    # draws u afresh from RandomState(seed) in conformalize and in predict_set.
     uniforms_calibrate = 1 - np.random.RandomState(seed).uniform(size=len(calibrate))
     uniforms_test = 1 - np.random.RandomState(seed).uniform(size=len(test))
     fitted = conformal.fit(probabilities[calibrate], labels[calibrate], method=method, alpha=ALPHA, mondrian=False,

@@ -197,7 +197,8 @@ def read_stored(directory, source, temperature: float, class_names, notes: list)
             raise JaxmedError(f"{path} does not hold conformal thresholds for the classes {list(class_names)}: "
                               "re-run `python -m jaxmed.evaluate --workdir W`")
         if source is not None and fitted.get("checkpoint") not in (None, source):
-            why = f"conformal.json is for {fitted.get('checkpoint')}, not {source}: not applied, prediction_set is empty"
+            why = (f"conformal.json is for {fitted.get('checkpoint')}, not {source}: not applied, prediction_set is "
+                   "empty")
         elif not math.isclose(fitted.get("temperature", temperature), temperature, rel_tol=1e-9):
             why = (f"conformal.json was fitted at temperature {fitted.get('temperature')}, the probabilities use "
                    f"{temperature:g}: not applied, prediction_set is empty")
