@@ -75,6 +75,12 @@ def test_a_class_too_rare_for_its_quantile_is_always_in_the_set():
     fitted = conformal.fit(probabilities, labels, method="lac", alpha=ALPHA, mondrian=True)
     assert fitted["thresholds"][3] is None and fitted["calibration_counts"][3] == 10
     assert conformal.prediction_sets(probabilities, fitted)[:, 3].all()
+    images = np.zeros((300, 2, 2, 3), np.uint8)
+    section, _, _ = conformal.evaluate((probabilities, labels, images, np.arange(300)),
+                                       (probabilities, labels, images, np.arange(300)), list("abcd"), method="lac",
+                                       alpha=ALPHA, mondrian=True, seed=0, calibration_split="calibration",
+                                       evaluated_split="test")
+    assert "d: too few calibration images" in section["guarantee"] and "(fewer than 19)" in section["guarantee"]
 
 
 def test_finite_sample_quantile_is_the_order_statistic():

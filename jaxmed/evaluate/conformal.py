@@ -168,6 +168,11 @@ def evaluate(calibration, evaluated, class_names, *, method: str, alpha: float, 
     if not held_out:
         guarantee += (f" — approximate: {calibration_split} also chose the checkpoint and the temperature; set "
                       "data.calibration_fraction > 0 for calibration images that chose nothing")
+    always = [name for name, threshold in zip(class_names, fitted["thresholds"]) if threshold is None]
+    if always:  # honest but uninformative: say so rather than let the mean set size speak alone
+        guarantee += (f"; {', '.join(always)}: too few {calibration_split} images for a {1 - alpha:g} quantile "
+                      f"(fewer than {math.ceil((1 - alpha) / alpha)}), so every set holds "
+                      f"{'it' if len(always) == 1 else 'them'}")
     if evaluated_split == calibration_split:
         guarantee += f"; coverage is measured on the {calibration_split} images themselves (optimistic)"
     section = {"alpha": float(alpha), "method": method, "mondrian": bool(mondrian),
