@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.target_recall = 0.99
     config.eval.bootstrap = 1000  # resamples for the 95% confidence intervals; 0 disables
     config.eval.seed = 0
+    config.eval.conformal_method = "aps"  # prediction sets: lac | aps (randomised, seeded by eval.seed) | raps
+    config.eval.conformal_mondrian = True  # a threshold per class (class-conditional coverage); False: one for all
+    config.eval.conformal_alpha = 0.05  # sets hold the true class with probability >= 1 - alpha; calibrated on the
+    #                                     calibration split (data.calibration_fraction), else on val (approximate)
     config.eval.grid_images = 16  # predictions_grid.png
     config.eval.explain_per_class = 2  # images per class in attention_rollout.png, gradcam_predicted_class.png;
     #                                    0 disables

@@ -8,7 +8,8 @@ same weights always give the same bytes. The stacked autoencoder's directory is 
 
 For `python -m jaxmed.predict --model DIR`, DIR also gets what a colleague without the run needs to predict as the
 run does: jaxmed_input.json (the run's data.grayscale and data.dicom_frame) and, when evaluation stored them for the
-exported checkpoint, the run's calibration.json (temperature) and operating_point.json. transformers ignores them.
+exported checkpoint, the run's calibration.json (temperature), operating_point.json and conformal.json (the
+prediction sets' thresholds). transformers ignores them.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def load_trained(workdir, which: str = "best", *, dtype=None):
 
 
 INPUT_FILE = "jaxmed_input.json"  # the run's input handling that preprocessor_config.json has no field for
-STORED_WITH_RUN = ("calibration.json", "operating_point.json")
+STORED_WITH_RUN = ("calibration.json", "operating_point.json", "conformal.json")
 
 
 def export(workdir, out, which: str = "best"):

@@ -4,7 +4,8 @@ per image, unreadable files listed with the reason, and optional Grad-CAM / atte
     python -m jaxmed.predict (--workdir W [--checkpoint best|latest|STEP] | --model HF_DIR) INPUT... --out DIR
                              [--explain N] [--strict] [--batch-size B] [--color]
 
-DIR gets predictions.csv (path, prediction, p_<class>…, flagged when the run has an operating point, temperature),
+DIR gets predictions.csv (path, prediction, p_<class>…, flagged when the run has an operating point, temperature,
+prediction_set: the conformal set from conformal.json, class names joined by '|', empty without one),
 skipped.csv (path, reason), summary.json and explain/. Probabilities are softmax(logits / T) with T from
 calibration.json next to the model ({"temperature": T}; else T = 1), and rows are flagged when
 p_<positive_class> >= threshold from operating_point.json ({"positive_class": name, "threshold": t}); evaluation
@@ -53,6 +54,7 @@ class Predictor:
     origin: dict  # {"checkpoint": "W … best/8"} or {"model": HF_DIR}, for the summary
     batch_size: int
     notes: list[str]  # what the summary should tell: files next to the model that were not applied
+    conformal: dict | None = None  # conformal.json's thresholds for this model's calibrated probabilities
 
 
 def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", color: bool = False,
@@ -60,6 +62,7 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
     from jaxmed.convert import hub
     from jaxmed.data import cache
     from jaxmed.data.preprocess import Preprocessor
+    from jaxmed.evaluate import conformal
 
     if workdir is not None:
         from jaxmed import export
@@ -96,7 +99,8 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
     temperature = _temperature(stored[0], directory / "calibration.json")
     return Predictor(model, names, preprocessor, grayscale, frame, temperature, stored[0] is not None,
                      _operating_point(stored[1], directory / "operating_point.json", names), origin,
-                     batch_size or DEFAULT_BATCH_SIZE, notes)
+                     batch_size or DEFAULT_BATCH_SIZE, notes,
+                     conformal.read_stored(directory, source, temperature, names, notes))
 
 
 def _exported_input(directory: Path, color: bool) -> tuple[bool, int]:
@@ -243,14 +247,17 @@ class Predictions:
     flagged: np.ndarray | None  # (N,) bool at the operating point, or None without one
     skipped: list[tuple[str, str]]
     images: np.ndarray  # uint8 model-size images of the first `keep_images` rows (for --explain)
+    prediction_sets: np.ndarray | None = None  # (N, classes) bool, conformal sets; None without conformal.json
 
 
 def predict_files(predictor: Predictor, files, *, skipped=(), strict: bool = False, keep_images: int = 0):
     from scipy.special import softmax
     from tqdm import tqdm
 
+    from jaxmed.evaluate import conformal
+
     size = predictor.batch_size
-    skipped, paths, logits, kept = list(skipped), [], [], []
+    skipped, paths, logits, kept, digests = list(skipped), [], [], [], []
     forward, batch, batch_paths = _forward(predictor), [], []
 
     def flush():
@@ -272,6 +279,7 @@ def predict_files(predictor: Predictor, files, *, skipped=(), strict: bool = Fal
             if len(paths) + len(batch) < keep_images:
                 kept.append(image)
             batch.append(image), batch_paths.append(str(path))
+            digests.append(conformal.image_digest(image))  # the randomised sets' u: the same image, the same set
             if len(batch) == size:
                 flush()
         if batch:
@@ -284,7 +292,8 @@ def predict_files(predictor: Predictor, files, *, skipped=(), strict: bool = Fal
         positive = predictor.class_names.index(predictor.operating_point["positive_class"])
         flagged = probabilities[:, positive] >= predictor.operating_point["threshold"]
     images = np.stack(kept) if kept else np.zeros((0, 1, 1, 3), np.uint8)
-    return Predictions(paths, logits, probabilities, flagged, skipped, images)
+    return Predictions(paths, logits, probabilities, flagged, skipped, images,
+                       conformal.sets_for_stored(predictor.conformal, probabilities, digests))
 
 
 def _unreadable_message(skipped) -> str:
@@ -295,12 +304,16 @@ def _unreadable_message(skipped) -> str:
 
 def write_outputs(out: Path, predictor: Predictor, result: Predictions, ignored: int) -> dict:
     """predictions.csv and skipped.csv; returns the summary (the caller adds to it and writes summary.json)."""
+    from jaxmed.evaluate import conformal
+
     out.mkdir(parents=True, exist_ok=True)
     names, flagged = predictor.class_names, result.flagged
     header = ["path", "prediction", *(f"p_{name}" for name in names), *(["flagged"] if flagged is not None else []),
-              "temperature"]
+              "temperature", "prediction_set"]
+    sets = ([""] * len(result.paths) if result.prediction_sets is None
+            else conformal.set_labels(result.prediction_sets, names))
     rows = [[path, names[int(np.argmax(row))], *(f"{p:.6g}" for p in row),  # report.write_predictions' format
-             *([bool(flagged[index])] if flagged is not None else []), f"{predictor.temperature:g}"]
+             *([bool(flagged[index])] if flagged is not None else []), f"{predictor.temperature:g}", sets[index]]
             for index, (path, row) in enumerate(zip(result.paths, result.probabilities))]
     _write_csv(out / "predictions.csv", header, rows)
     _write_csv(out / "skipped.csv", ["path", "reason"], result.skipped)
@@ -311,6 +324,8 @@ def write_outputs(out: Path, predictor: Predictor, result: Predictions, ignored:
                **predictor.origin, "class_names": names, "out": str(out)}
     if result.flagged is not None:
         summary.update(operating_point=predictor.operating_point, flagged=int(result.flagged.sum()))
+    if result.prediction_sets is not None:
+        summary["conformal"] = conformal.stored_summary(predictor.conformal, result.prediction_sets)
     if predictor.notes:
         summary["notes"] = predictor.notes
     return summary

@@ -16,6 +16,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.strict = False  # True: unreadable files are an error instead of being skipped
     config.class_names = ()  # names for sources that carry none (npz); empty: class_0, class_1, ...
     config.val_fraction = 0.2  # carved from train (stratified) when the source has no val split
+    config.calibration_fraction = 0.0  # > 0: carve a "calibration" split from train (after val, stratified, by
+    #                                    patient with group_pattern) for conformal prediction sets; 0: they reuse val
     config.split_seed = 42
     config.group_pattern = ""  # regex; its first group is the patient id in each image's path relative to its split
     #                            folder: no patient on both sides of a carved split, shared patients reported

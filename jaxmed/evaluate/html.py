@@ -48,6 +48,7 @@ _CAPTIONS = {
     "attention_rollout.png": "Attention rollout",
     "gradcam_predicted_class.png": "Grad-CAM of the predicted class",
     "differences.png": "Paired differences with 95% intervals",
+    "conformal_set_sizes.png": "Conformal prediction set sizes",
 }
 _HEADLINE = (("accuracy", "accuracy", "ci95.accuracy"), ("balanced accuracy", "balanced_accuracy", None),
              ("Cohen's κ", "cohen_kappa", None), ("macro F1", "macro.f1", "ci95.f1_macro"),
@@ -70,6 +71,7 @@ def write_report_html(eval_dir, report: dict, *, config=None, title: str | None 
                        f"{', '.join(map(str, report.get('class_names', [])))}")
     body = [intro, *_classification_sections(values, figures),
             _section("Operating point", _operating_point(values)),
+            _section("Conformal prediction sets", _conformal(values) + figures.take("conformal_set_sizes.png")),
             _section("Training curves", figures.take("training_curves.png")),
             _section("Misclassified images",
                      _misclassified(eval_dir / "predictions.csv") + figures.take("predictions_grid.png")),
@@ -119,6 +121,10 @@ def write_comparison_html(out_dir, comparison: dict) -> Path:
         for key in ("parameters", "train_seconds", "images_per_second"):
             rows.append([_escape(key.replace("_", " ")),
                          *(values(("runs", i, "training", key)) for i in range(len(runs)))])
+    if any(run.get("conformal") for run in runs):  # each run's own alpha and method, beside its accuracy
+        rows.append(["conformal coverage", *(values.with_interval(("runs", i, "conformal", "coverage"))
+                                             for i in range(len(runs)))])
+        rows.append(["mean set size", *(values(("runs", i, "conformal", "mean_set_size")) for i in range(len(runs)))])
     runs_table = _table(["", *(run.get("name", f"run {i}") for i, run in enumerate(runs))], rows) if runs else ""
     pairs, verdicts = comparison.get("pairs", []), []
     differences = [key for key, entry in (pairs[0].get("paired_bootstrap", {}) if pairs else {}).items()
@@ -212,6 +218,25 @@ def _operating_point(values: _Values) -> str:
     return text + _table(["split", "sensitivity", "specificity", "precision", "flagged"], rows)
 
 
+def _conformal(values: _Values) -> str:
+    section = values.child("conformal")
+    if not isinstance(section.tree, dict):
+        return ""
+    if "skipped" in section.tree:
+        return _paragraph(f"Not fitted: {section.tree['skipped']}")
+    kind = "class-conditional (Mondrian)" if section.tree.get("mondrian") else "marginal"
+    text = _paragraph(f"{_escape(str(section.get('method')).upper())}, {kind}, α = {section('alpha')}, calibrated on "
+                      f"{_escape(section.get('calibration_split'))} ({section('calibration_images')} images). "
+                      f"{_escape(section.get('guarantee'))}", escaped=True)
+    rows = [["coverage", section.with_interval("coverage")], ["mean set size", section("mean_set_size")],
+            ["singleton rate", section("singleton_rate")], ["empty rate", section("empty_rate")]]
+    per_class = [[_escape(name), section.with_interval(("coverage_per_class", name)),
+                  section(("coverage_per_class", name, "count"))]
+                 for name in section.get("coverage_per_class", {}) or {}]
+    return (text + _table(["metric", "value (95% Wilson CI)"], rows)
+            + _table(["class", "coverage (95% Wilson CI)", "images"], per_class))
+
+
 def _misclassified(predictions_csv: Path) -> str:
     """The first MISCLASSIFIED_ROWS rows of predictions.csv whose prediction is wrong, with every probability."""
     if not predictions_csv.exists():
@@ -228,7 +253,8 @@ def _misclassified(predictions_csv: Path) -> str:
     shown = f"the first {len(cells)}" if len(wrong) > len(cells) else "all"
     text = _paragraph(f"{len(wrong)} of {len(rows)} images misclassified; {shown} listed (predictions.csv has every "
                       "image).")
-    headers = ["id", "true", "predicted", *(f"P({column.removeprefix('p_')})" for column in probability_columns)]
+    headers = ["id", "true", "predicted", *(f"P({column.removeprefix('p_')})" if column.startswith("p_") else column
+                                            for column in probability_columns)]  # then prediction_set, …
     return text + (_table(headers, cells, row_class="mistake") if cells else "")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxmed import train
 from jaxmed.config import load_run_config
-from jaxmed.evaluate import calibration, figures, html, metrics
+from jaxmed.evaluate import calibration, conformal, figures, html, metrics
 from jaxmed.errors import JaxmedError
 
 log = logging.getLogger("jaxmed.evaluate")
@@ -62,12 +62,17 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
                              "after": calibration.calibration_metrics(labels, probs)}
     if ec.positive_class:
         report["operating_point"] = _operating_point(run, probabilities, labels, probs, split_name)
+    report["conformal"], conformal_fit, sets = _conformal(run, probabilities, split, indices, labels, probs)
     if jax.process_index() == 0:
         out = run.workdir / "eval" / split_name
         write_report(out, report)
-        write_predictions(out / "predictions.csv", [split.ids[i] for i in indices], labels, probs, names)
+        write_predictions(out / "predictions.csv", [split.ids[i] for i in indices], labels, probs, names,
+                          prediction_sets=None if sets is None else conformal.set_labels(sets, names))
         if which == "best":  # what predict applies belongs to the model it uses by default
             _store_with_run(run.workdir, report, source)
+            _store_conformal(run.workdir, conformal_fit, source, temperature)
+        if sets is not None:
+            conformal.set_size_histogram(report["conformal"]["set_size_counts"], out / "conformal_set_sizes.png")
         _figures(run, out, split, indices, labels, probs, report["confusion_matrix"])
         calibration.reliability_diagram(labels, uncalibrated, out / "reliability_diagram.png",
                                         probabilities_after=probs if fitted_on else None)
@@ -89,6 +94,31 @@ def _store_with_run(workdir, report: dict, source: str) -> None:
         (workdir / "operating_point.json").write_text(json.dumps(
             {key: chosen[key] for key in ("positive_class", "threshold", "target_recall", "chosen_on")}
             | {"checkpoint": source, "temperature": point["temperature"]}, indent=1) + "\n")
+
+
+def _conformal(run, probabilities, split, indices, labels, probs) -> tuple[dict, dict | None, np.ndarray | None]:
+    """Prediction sets fitted on the calibration split (else val, approximately) and measured on `split`."""
+    ec, splits = run.config.eval, run.dataset.splits
+    if ec.conformal_method not in conformal.METHODS:
+        raise JaxmedError(f"eval.conformal_method={ec.conformal_method!r} is not one of {', '.join(conformal.METHODS)}")
+    if not 0 < ec.conformal_alpha < 1:
+        raise JaxmedError(f"eval.conformal_alpha={ec.conformal_alpha} must be in (0, 1), e.g. 0.05 for 95% sets")
+    held_out = next((name for name in ("calibration", "val") if name in splits), None)
+    if held_out is None:
+        return {"skipped": "no calibration or val split: set data.calibration_fraction > 0"}, None, None
+    calibration_indices, calibration_probs = probabilities(splits[held_out])
+    return conformal.evaluate(
+        (calibration_probs, splits[held_out].labels[calibration_indices], splits[held_out].images, calibration_indices),
+        (probs, labels, split.images, indices), run.dataset.class_names, method=ec.conformal_method,
+        alpha=ec.conformal_alpha, mondrian=ec.conformal_mondrian, seed=ec.seed, calibration_split=held_out,
+        evaluated_split=split.name)
+
+
+def _store_conformal(workdir, fitted: dict | None, source: str, temperature: float) -> None:
+    """W/conformal.json: the thresholds `jaxmed.predict` applies, for this checkpoint's calibrated probabilities."""
+    if fitted is not None:
+        (workdir / "conformal.json").write_text(json.dumps(
+            fitted | {"checkpoint": source, "temperature": temperature}, indent=1) + "\n")
 
 
 def _operating_point(run, probabilities, labels, probs, split_name: str) -> dict:
@@ -160,9 +190,29 @@ def markdown(report: dict) -> str:
             row = calibrated[when]
             lines.append(f"| {when} | {row['ece_15']:.4f} | {row['ece_adaptive_15']:.4f} | {row['mce']:.4f} | "
                          f"{row['brier']:.4f} | {row['nll']:.4f} |")
+    lines += _conformal_markdown(report.get("conformal"))
     lines += ["", "Confusion matrix (rows true, columns predicted): see confusion_matrix.png; every prediction is in "
               "predictions.csv.", ""]
     return "\n".join(lines)
+
+
+def _conformal_markdown(section: dict | None) -> list[str]:
+    if not section or "skipped" in section:
+        return ["", f"## Conformal prediction sets: not fitted ({section['skipped']})"] if section else []
+
+    def rate(row):
+        low_high = f" (95% CI {row['ci95'][0]:.4f}–{row['ci95'][1]:.4f})" if row["ci95"] else ""
+        return f"{format_number(row['value'])}{low_high}"
+
+    kind = "class-conditional (Mondrian)" if section["mondrian"] else "marginal"
+    lines = ["", f"## Conformal prediction sets: {section['method'].upper()}, {kind}, alpha = {section['alpha']:g}, "
+             f"calibrated on {section['calibration_split']} ({section['calibration_images']} images)", "",
+             section["guarantee"], "", f"- coverage: {rate(section['coverage'])}",
+             f"- mean set size: {format_number(section['mean_set_size'])}; singletons "
+             f"{format_number(section['singleton_rate'])}, empty {format_number(section['empty_rate'])}", "",
+             "| class | coverage (95% Wilson CI) | images |", "|---|---|---|"]
+    lines += [f"| {name} | {rate(row)} | {row['count']} |" for name, row in section["coverage_per_class"].items()]
+    return lines
 
 
 def format_number(value) -> str:
@@ -170,14 +220,16 @@ def format_number(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def write_predictions(path, ids, labels, probabilities, class_names) -> None:
-    """One row per image: id (file or source id), true and predicted class, the probability of each class."""
+def write_predictions(path, ids, labels, probabilities, class_names, *, prediction_sets=None) -> None:
+    """One row per image: id (file or source id), true and predicted class, the probability of each class, and the
+    conformal prediction set (class names joined by '|') when given."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["id", "label", "prediction", *(f"p_{name}" for name in class_names)])
-    for image_id, label, row in zip(ids, labels, probabilities):
+    sets = ["prediction_set"] if prediction_sets is not None else []
+    writer.writerow(["id", "label", "prediction", *(f"p_{name}" for name in class_names), *sets])
+    for index, (image_id, label, row) in enumerate(zip(ids, labels, probabilities)):
         writer.writerow([image_id, class_names[label], class_names[int(np.argmax(row))],
-                         *(f"{p:.6g}" for p in row)])
+                         *(f"{p:.6g}" for p in row), *([prediction_sets[index]] if sets else [])])
     path.write_text(buffer.getvalue())
 
 
@@ -187,10 +239,12 @@ def read_predictions(path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]
         reader = csv.reader(handle)
         header = next(reader)
         rows = list(reader)
-    names = [column[2:] for column in header[3:]]
+    columns = [index for index, column in enumerate(header) if index >= 3 and column.startswith("p_")]
+    names = [header[index][2:] for index in columns]  # later columns (prediction_set, …) are not probabilities
     ids = [row[0] for row in rows]
     labels = np.asarray([names.index(row[1]) for row in rows], np.int64)
-    probabilities = np.asarray([[float(value) for value in row[3:]] for row in rows], np.float64).reshape(-1, len(names))
+    probabilities = np.asarray([[float(row[index]) for index in columns] for row in rows],
+                               np.float64).reshape(-1, len(names))
     return ids, labels, probabilities, names
 
 
