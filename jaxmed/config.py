@@ -72,6 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.grid_images = 16  # predictions_grid.png
     config.eval.explain_per_class = 2  # images per class in attention_rollout.png, gradcam_predicted_class.png;
     #                                    0 disables
+    config.eval.explain_check_images = 48  # images the explanations are checked on (deletion/insertion, model
+    #                                        randomisation, localisation with masks); 0 disables
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: all devices not used by fsdp

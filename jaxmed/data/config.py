@@ -32,6 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.num_workers = 0  # grain worker processes; 0 = in-process (threads)
     config.decode_threads = 0  # threads decoding files into the cache; 0 = one per core
     config.dicom_frame = -1  # multi-frame DICOM: which frame; -1 = the middle one
+    config.mask_root = ""  # lesion masks (PNG) at the images' paths relative to data.root: explanation localisation
 
     config.synthetic = ml_collections.ConfigDict()
     config.synthetic.size = 96

@@ -49,6 +49,9 @@ _CAPTIONS = {
     "gradcam_predicted_class.png": "Grad-CAM of the predicted class",
     "differences.png": "Paired differences with 95% intervals",
     "conformal_set_sizes.png": "Conformal prediction set sizes",
+    "stress_heatmap.png": "Balanced accuracy drop per corruption and severity",
+    "stress_curves.png": "Balanced accuracy against severity, one curve per corruption",
+    "stress_examples.png": "One image under every corruption and severity",
 }
 _HEADLINE = (("accuracy", "accuracy", "ci95.accuracy"), ("balanced accuracy", "balanced_accuracy", None),
              ("Cohen's κ", "cohen_kappa", None), ("macro F1", "macro.f1", "ci95.f1_macro"),
@@ -75,7 +78,8 @@ def write_report_html(eval_dir, report: dict, *, config=None, title: str | None 
             _section("Training curves", figures.take("training_curves.png")),
             _section("Misclassified images",
                      _misclassified(eval_dir / "predictions.csv") + figures.take("predictions_grid.png")),
-            _section("Explanations", figures.take("attention_rollout.png", "gradcam_predicted_class.png")),
+            _section("Explanations", _explanation_checks(values) +
+                     figures.take("attention_rollout.png", "gradcam_predicted_class.png")),
             _section("Other figures", figures.rest()),
             _section("Configuration", _json_details("config.json", _plain(config)) if config is not None else "")]
     return _write(eval_dir / "report.html", title, body)
@@ -147,6 +151,53 @@ def write_comparison_html(out_dir, comparison: dict) -> Path:
                      if verdicts else ""),
             _section("Figures", figures.take("roc_curves.png", "differences.png") + figures.rest())]
     return _write(out_dir / "comparison.html", title, body)
+
+
+def write_stress_html(out_dir, records: list[dict], summary: dict) -> Path:
+    """out_dir/stress.html: the MedMNIST-C summary, every corruption × severity's numbers, the figures."""
+    out_dir = Path(out_dir)
+    values, figures = _Values({"records": records, "summary": summary}), _Figures(out_dir)
+    title = f"Stress test: {summary.get('split')}, {summary.get('checkpoint')} ({summary.get('images')} images)"
+    intro = _paragraph(f"Artefacts applied to the {summary.get('applied_to')}; {summary.get('temperature_note')}. "
+                       "BE = 1 − balanced accuracy; rBE = BE − BE clean, averaged over severities (MedMNIST-C's rBE "
+                       "before its division by a reference model's).")
+    headline = _table(["", "value"], [[_escape(label), values(("summary", key))] for label, key in
+                                      (("BE clean", "BE_clean"), ("mBE", "mBE"), ("mrBE", "mrBE"))])
+    per = _table(["corruption", "BE", "rBE"], [[_escape(name), values(("summary", "corruptions", name, "BE")),
+                                                values(("summary", "corruptions", name, "rBE"))]
+                                               for name in summary.get("corruptions", {})])
+    rows = []
+    for i, record in enumerate(records):
+        cells = [_escape(record["corruption"]), values(("records", i, "severity"))]
+        cells += ([_escape(f"failed: {record['error']}"), "", "", ""] if "error" in record else
+                  [values(("records", i, key)) for key in ("accuracy", "balanced_accuracy", "macro_auc", "ece_15")])
+        rows.append(cells)
+    table = _table(["corruption", "severity", "accuracy", "balanced accuracy", "macro AUC", "ECE"], rows)
+    body = [intro, _section("Summary", headline + per), _section("Figures", figures.take(
+        "stress_heatmap.png", "stress_curves.png") + figures.take("stress_examples.png")),
+        _section("Every corruption and severity", table)]
+    return _write(out_dir / "stress.html", title, body)
+
+
+def _explanation_checks(values: _Values) -> str:
+    methods = values.get(("explanations", "methods"), None)
+    if not methods:
+        return ""
+    rows, verdicts = [], []
+    for name in methods:
+        base = ("explanations", "methods", name)
+        rows.append([_escape(name.replace("_", " ")),
+                     f"{values(base + ('deletion', 'auc'))} vs {values(base + ('deletion', 'random_auc'))}",
+                     f"{values(base + ('insertion', 'auc'))} vs {values(base + ('insertion', 'random_auc'))}",
+                     values(base + ("randomisation", "stages",
+                                    len(values.get(base + ("randomisation", "stages"), [])) - 1, "spearman")),
+                     (f"{values(base + ('localisation', 'pointing_game'))} (chance "
+                      f"{values(base + ('localisation', 'pointing_chance'))})"
+                      if values.get(base + ("localisation", "pointing_game"), None) is not None else "n/a")])
+        verdicts.append(values.get(base + ("verdict",), ""))
+    return (_table(["method", "deletion AUC (lower better) vs random", "insertion AUC (higher better) vs random",
+                    "Spearman ρ, all weights re-initialised", "pointing game"], rows)
+            + "".join(_paragraph(v) for v in verdicts if v))
 
 
 # ---------------------------------------------------------------------------------------------------------- sections

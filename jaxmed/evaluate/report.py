@@ -65,6 +65,9 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
     report["conformal"], conformal_fit, sets = _conformal(run, probabilities, split, indices, labels, probs)
     if jax.process_index() == 0:
         out = run.workdir / "eval" / split_name
+        checks = _explanations(run, out, split, indices, labels, flat)
+        if checks:
+            report["explanations"] = checks
         write_report(out, report)
         write_predictions(out / "predictions.csv", [split.ids[i] for i in indices], labels, probs, names,
                           prediction_sets=None if sets is None else conformal.set_labels(sets, names))
@@ -76,7 +79,6 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
         _figures(run, out, split, indices, labels, probs, report["confusion_matrix"])
         calibration.reliability_diagram(labels, uncalibrated, out / "reliability_diagram.png",
                                         probabilities_after=probs if fitted_on else None)
-        _explanations(run, out, split, indices, labels, flat)
         html.write_report_html(out, report, config=json.loads(run.config.to_json_best_effort()))
         log.info("%s: accuracy %.4f, ECE %.4f → %.4f at T = %.3f (%s) → %s", split_name, report["accuracy"],
                  report["calibration"]["before"]["ece_15"], report["calibration"]["after"]["ece_15"], temperature,
@@ -270,8 +272,9 @@ def _grid_sample(labels, predictions, count: int) -> np.ndarray:
     return np.sort(np.concatenate([take_wrong, np.asarray(take_right, int)]).astype(int))
 
 
-def _explanations(run, out, split, indices, labels, flat: dict) -> None:
-    """Attention rollout (ViT, CvT) and Grad-CAM (ResNet, EfficientNet, CvT, ViT) for a few images per class.
+def _explanations(run, out, split, indices, labels, flat: dict) -> dict | None:
+    """Attention rollout (ViT, CvT) and Grad-CAM (ResNet, EfficientNet, CvT, ViT) for a few images per class, and
+    the checks of those explanations (eval/<split>/explanations.json; → its summary for the report).
 
     Runs on this host alone (process 0 writes the figures): a model from the checkpoint's host copy of the weights,
     so no collective is needed that the other hosts would have to join.
@@ -284,7 +287,7 @@ def _explanations(run, out, split, indices, labels, flat: dict) -> None:
 
     per_class = run.config.eval.explain_per_class
     if not per_class or run.spec.hf_config.model_type not in explain.EXPLAINED:
-        return
+        return None
 
     def local(name):
         return jax.tree_util.tree_map_with_path(lambda path, _: jax.numpy.asarray(flat[optim.dotted(path)]),
@@ -294,8 +297,37 @@ def _explanations(run, out, split, indices, labels, flat: dict) -> None:
     model = nnx.merge(run.graph_eval, local("params"), local("stats"), rest)
     chosen = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(run.dataset.class_names))])
     images = np.asarray(split.images[indices[chosen]])
+    out.mkdir(parents=True, exist_ok=True)
     explain.explanation_figures(model, images, jdata.model_inputs(images, run.preprocessor), labels[chosen],
                                 run.dataset.class_names, out, per_class=per_class)
+    return _explanation_checks(run, out, split, indices, labels, model)
+
+
+def _explanation_checks(run, out, split, indices, labels, model) -> dict | None:
+    """Deletion/insertion against random maps, model randomisation, and localisation where masks exist, on a seeded
+    class-stratified sample of `eval.explain_check_images` images."""
+    from jaxmed.data import masks as jmasks
+    from jaxmed.evaluate import explain, explain_checks
+
+    ec = run.config.eval
+    if ec.explain_check_images <= 0:
+        return None
+    rng = np.random.default_rng(ec.seed)
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(len(run.dataset.class_names))]
+    chosen = np.sort(np.asarray([group[i] for i in range(len(labels)) for group in by_class if i < len(group)][
+        :ec.explain_check_images], int))
+    images = np.asarray(split.images[indices[chosen]])
+    lesions = jmasks.lesion_masks(run.config.data, [split.ids[i] for i in indices[chosen]], run.preprocessor,
+                                  images.shape[1:3])
+    maps_of = {"grad_cam": explain.grad_cam}
+    if run.spec.hf_config.model_type in ("vit", "cvt"):
+        maps_of["attention_rollout"] = explain.attention_rollout
+    result = explain_checks.check(model, images, run.preprocessor.normalize, labels[chosen], lesions,
+                                  run.dataset.class_names, maps_of=maps_of, seed=ec.seed, bootstrap=ec.bootstrap)
+    (out / "explanations.json").write_text(json.dumps(result, indent=1) + "\n")
+    for name, entry in result["methods"].items():
+        log.info("explanation check, %s: %s", name, entry["verdict"])
+    return result
 
 
 def evaluate_workdir(workdir, split: str = "test", which: str = "best") -> dict:
