@@ -208,6 +208,9 @@ def test_stress_severity_zero_is_the_evaluation_and_noise_hurts(trained_demo):
     assert clean["accuracy"] == report["accuracy"] and clean["balanced_accuracy"] == report["balanced_accuracy"]
     assert clean["macro_auc"] == report["roc_auc"]["macro"]
     assert clean["ece_15"] == report["calibration"]["after"]["ece_15"]
+    # the run's conformal sets, as the evaluation measured them on the same clean images
+    assert clean["conformal_coverage"] == report["conformal"]["coverage"]["value"]
+    assert clean["mean_set_size"] == report["conformal"]["mean_set_size"]
     noisiest = next(r for r in records if r["corruption"] == "gaussian_noise" and r["severity"] == 5)
     assert noisiest["balanced_accuracy"] < clean["balanced_accuracy"] - 0.1, (noisiest, clean)
     assert summary["corruptions"]["gaussian_noise"]["rBE"] > 0

@@ -169,10 +169,13 @@ def write_stress_html(out_dir, records: list[dict], summary: dict) -> Path:
     rows = []
     for i, record in enumerate(records):
         cells = [_escape(record["corruption"]), values(("records", i, "severity"))]
-        cells += ([_escape(f"failed: {record['error']}"), "", "", ""] if "error" in record else
-                  [values(("records", i, key)) for key in ("accuracy", "balanced_accuracy", "macro_auc", "ece_15")])
+        keys = ("accuracy", "balanced_accuracy", "macro_auc", "ece_15") + (
+            ("conformal_coverage", "mean_set_size") if "conformal_coverage" in records[0] else ())
+        cells += ([_escape(f"failed: {record['error']}")] + [""] * (len(keys) - 1) if "error" in record else
+                  [values(("records", i, key)) for key in keys])
         rows.append(cells)
-    table = _table(["corruption", "severity", "accuracy", "balanced accuracy", "macro AUC", "ECE"], rows)
+    table = _table(["corruption", "severity", "accuracy", "balanced accuracy", "macro AUC", "ECE",
+                    *(("conformal coverage", "mean set size") if "conformal_coverage" in records[0] else ())], rows)
     body = [intro, _section("Summary", headline + per), _section("Figures", figures.take(
         "stress_heatmap.png", "stress_curves.png") + figures.take("stress_examples.png")),
         _section("Every corruption and severity", table)]

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from jaxmed import train
 from jaxmed.config import load_run_config
 from jaxmed.errors import JaxmedError
-from jaxmed.evaluate import calibration, metrics
+from jaxmed.evaluate import calibration, conformal, metrics
 from jaxmed.stress import corruptions as jcorrupt
 from jaxmed.stress import figures
 
@@ -53,13 +53,21 @@ def stress_workdir(workdir, split: str = "test", which: str = "best", names=None
     params, stats = train.place_weights(run, flat)
     eval_step = train.make_eval_step(run)
     temperature, temperature_note = stored_temperature(workdir, source)
+    notes = []
+    fitted_sets = conformal.read_stored(workdir, source, temperature, run.dataset.class_names, notes)
     data = run.dataset.splits[split]
     clean = np.asarray(data.images)
 
     def evaluate(images) -> dict:
         indices, logits = train.predict(run, eval_step, params, stats, dataclasses.replace(data, images=images))
-        return scores(data.labels[indices], calibration.apply_temperature(logits, temperature),
-                      run.dataset.class_names)
+        labels, probabilities = data.labels[indices], calibration.apply_temperature(logits, temperature)
+        result = scores(labels, probabilities, run.dataset.class_names)
+        if fitted_sets is not None:  # the run's conformal sets: do they still hold the true class under the shift?
+            sets = conformal.sets_for_stored(fitted_sets, probabilities,
+                                             [conformal.image_digest(images[i]) for i in indices])
+            result.update(conformal_coverage=float(sets[np.arange(len(labels)), labels].mean()),
+                          mean_set_size=float(sets.sum(1).mean()))
+        return result
 
     records = [{"corruption": "none", "severity": 0, **evaluate(clean)}]
     jobs = [(corruption, severity) for corruption in chosen for severity in severities]
@@ -75,7 +83,9 @@ def stress_workdir(workdir, split: str = "test", which: str = "best", names=None
             log.warning("stress: %s at severity %d failed: %s", corruption.name, severity, reason)
     summary = summarise(records)
     summary.update(split=split, checkpoint=source, images=int(len(clean)), seed=seed, temperature=temperature,
-                   temperature_note=temperature_note, applied_to="cached eval images (resized/cropped, before "
+                   temperature_note=temperature_note, notes=notes,
+                   conformal=None if fitted_sets is None else {key: fitted_sets.get(key) for key in (
+                       "method", "mondrian", "alpha", "calibration_split")}, applied_to="cached eval images (resized/cropped, before "
                    "normalisation)")
     if jax.process_index() == 0:
         write(workdir / "stress" / split, records, summary, clean, chosen, seed)
@@ -141,18 +151,24 @@ def write(out, records, summary, clean, chosen, seed) -> None:
     html.write_stress_html(out, records, summary)
 
 
+SETS_HEADER = " conformal coverage | mean set size |"
+
+
 def markdown(records, summary) -> str:
+    sets = "conformal_coverage" in records[0]
     lines = [f"# Stress test: {summary['split']}, {summary['checkpoint']} ({summary['images']} images)", "",
              f"Corruptions applied to {summary['applied_to']}; {summary['temperature_note']}.", "",
              f"Balanced error clean BE = {summary['BE_clean']:.4f}; mean over corruptions and severities mBE = "
              f"{_text(summary['mBE'])}, mean relative BE (BE − BE clean) mrBE = {_text(summary['mrBE'])}.", "",
-             "| corruption | severity | accuracy | balanced accuracy | macro AUC | ECE |", "|---|---|---|---|---|---|"]
+             "| corruption | severity | accuracy | balanced accuracy | macro AUC | ECE |" + SETS_HEADER * sets,
+             "|---|---|---|---|---|---|" + "---|---|" * sets]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['corruption']} | {r['severity']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['corruption']} | {r['severity']} | failed: {r['error']} | | | |" + " | |" * sets)
         else:
             lines.append(f"| {r['corruption']} | {r['severity']} | {r['accuracy']:.4f} | {r['balanced_accuracy']:.4f}"
-                         f" | {_text(r['macro_auc'])} | {r['ece_15']:.4f} |")
+                         f" | {_text(r['macro_auc'])} | {r['ece_15']:.4f} |" + (
+                             f" {r['conformal_coverage']:.4f} | {r['mean_set_size']:.3f} |" if sets else ""))
     lines += ["", "| corruption | BE | rBE |", "|---|---|---|"]
     lines += [f"| {name} | {c['BE']:.4f} | {c['rBE']:+.4f} |" for name, c in summary["corruptions"].items()]
     return "\n".join(lines) + "\n"
