@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import jax
+
 from jaxmed import train
 from jaxmed.evaluate import report
 from jaxmed.train.checkpoint import Checkpoints
+from jaxmed.train.trackers import Trackers
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -22,4 +25,8 @@ def train_and_evaluate(config, workdir) -> dict:
             result["test"] = report.evaluate_run(run, checkpoints, eval_step, "test")
         finally:
             checkpoints.close()
+        if jax.process_index() == 0:  # the dashboards get the test numbers and figures beside the training curves
+            trackers = Trackers(workdir, config)
+            trackers.log_evaluation(result["steps"], result["test"], run.workdir / "eval" / "test")
+            trackers.close()
     return result
