@@ -20,11 +20,10 @@ pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
 
 
-def _config(workdir: Path, steps: int = 8):
+def _config(workdir: Path):
     config = tiny_config.get_config()
     config.data.cache_dir = str(workdir.parent / "cache")
     config.train.async_checkpoints = False
-    config.train.steps = steps
     config.eval.bootstrap = 0
     config.eval.explain_per_class = 0
     config.train.trackers = ("tensorboard", "wandb", "mlflow")
@@ -49,28 +48,38 @@ def _jsonl(workdir: Path) -> dict[tuple[int, str], float]:
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
-    """A tiny run trained 8 steps and evaluated with all three trackers. The evaluation re-opens the trackers from
-    W/trackers.json, exactly as a resumed training does: one tracker run must hold both sessions."""
+    """A tiny run with all three trackers, preempted (SIGTERM) at step 4, resumed to step 8 and evaluated: one
+    tracker run must hold the three sessions (training, resumed training, evaluation)."""
     import os
+    import signal
 
     workdir = tmp_path_factory.mktemp("tracked") / "run"
     workdir.mkdir()
-    previous = {key: os.environ.get(key) for key in ("WANDB_MODE", "WANDB_SILENT")}
-    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
-    try:
-        experiment.train_and_evaluate(_config(workdir, steps=8), workdir)
-    finally:
-        for key, value in previous.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-    return workdir
+    original_log = trackers.Trackers.log
+
+    def preempted_after_step_4(self, step, metrics):
+        original_log(self, step, metrics)
+        if step == 4 and "val/accuracy" in metrics:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler saves at this step and returns
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "offline")
+        patch.setenv("WANDB_SILENT", "true")
+        with pytest.MonkeyPatch.context() as preempting:
+            preempting.setattr(trackers.Trackers, "log", preempted_after_step_4)
+            assert experiment.train_and_evaluate(_config(workdir), workdir) == {"preempted_at": 4}
+        state_after_preemption = json.loads((workdir / trackers.STATE_FILE).read_text())
+        result = experiment.train_and_evaluate(_config(workdir), workdir)
+    assert result["steps"] == 8
+    return workdir, state_after_preemption
 
 
 def test_wandb_offline_history_equals_metrics_jsonl_and_resume_keeps_the_run(tracked_run):
-    workdir = tracked_run
+    workdir, state_after_preemption = tracked_run
     runs = _wandb_records(workdir)
-    assert len(runs) == 2  # the training session, and the evaluation's, resumed from W/trackers.json
+    assert len(runs) == 3  # training to the preemption, the resumed training, the evaluation
     run_ids = {record["run"]["run_id"] for records in runs for record in records if record["type"] == "run"}
-    assert run_ids == {json.loads((workdir / trackers.STATE_FILE).read_text())["wandb"]["id"]}  # one run
+    assert run_ids == {state_after_preemption["wandb"]["id"]}  # one wandb run, continued
     logged = {}
     for records in runs:
         for record in records:
@@ -96,8 +105,9 @@ def test_mlflow_file_store_holds_metrics_params_and_figures_of_one_resumed_run(t
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    workdir = tracked_run
+    workdir, state_after_preemption = tracked_run
     state = json.loads((workdir / trackers.STATE_FILE).read_text())
+    assert state["mlflow"] == state_after_preemption["mlflow"]
     client = MlflowClient(tracking_uri=state["mlflow"]["tracking_uri"])
     mlflow.set_tracking_uri(state["mlflow"]["tracking_uri"])
     run = mlflow.get_run(state["mlflow"]["run_id"])

@@ -155,6 +155,7 @@ def train(config, workdir, run: Run | None = None) -> dict:
                     checkpoints.save_latest(step, state, iterator, dict(meta, step=step), force=True)
                 checkpoints.close()
                 bar.close()
+                writer.close()  # trackers flushed and finished: the resumed run continues them
                 _write_summary(run, session, step)
                 print(f"preempted at step {step}: saved {workdir}/checkpoints/{step}; run the same command "
                       "again to resume", flush=True)
