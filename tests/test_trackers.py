@@ -163,3 +163,28 @@ def test_unknown_tracker_is_a_config_error_and_headline_leaves_tables_out():
     assert trackers.headline(report, "test") == {
         "test/accuracy": 0.5, "test/num_examples": 4.0, "test/macro/f1": 0.25, "test/roc_auc/macro": 0.75,
         "test/calibration/temperature": 1.5, "test/calibration/after/ece_15": 0.1}
+
+
+def test_mlflow_run_id_in_the_workdir_is_continued_and_a_vanished_one_replaced(tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    config = tiny_config.get_config()
+    config.train.trackers = ("mlflow",)
+    config.train.mlflow.tracking_uri = (tmp_path / "mlruns").as_uri()
+    first = trackers.Trackers(tmp_path, config)
+    first.log(1, {"train/loss": 2.0})
+    first.close()
+    again = trackers.Trackers(tmp_path, config)
+    again.log(2, {"train/loss": 1.0})
+    again.close()
+    state = json.loads((tmp_path / trackers.STATE_FILE).read_text())["mlflow"]
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    assert [(m.step, m.value) for m in client.get_metric_history(state["run_id"], "train/loss")] == [(1, 2.0),
+                                                                                                    (2, 1.0)]
+    (tmp_path / trackers.STATE_FILE).write_text(json.dumps({"mlflow": {**state, "run_id": "0" * 32}}))
+    with caplog.at_level(logging.WARNING, logger="jaxmed.train"):
+        replaced = trackers.Trackers(tmp_path, config)
+    replaced.close()
+    assert any("is gone from" in record.getMessage() for record in caplog.records)
+    assert [tracker.name for tracker in replaced.open] == [] and json.loads(
+        (tmp_path / trackers.STATE_FILE).read_text())["mlflow"]["run_id"] not in (state["run_id"], "0" * 32)

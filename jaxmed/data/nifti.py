@@ -88,8 +88,12 @@ class Volumes:
 
     def expand(self, paths) -> list:
         """Each path as it is, except volumes: their VolumeSlices, or an UnreadableVolume with the reason."""
-        entries = []
-        for path in paths:
+        from tqdm import tqdm
+
+        entries, paths = [], list(paths)
+        reads_voxels = isinstance(self.settings.slices, int)  # k slices of the non-empty extent: each volume read
+        for path in tqdm(paths, unit="file", desc="listing volume slices", mininterval=1.0,
+                         disable=not reads_voxels or sum(is_nifti_name(Path(p).name) for p in paths) < 20):
             if not is_nifti_name(Path(path).name):
                 entries.append(path)
                 continue

@@ -116,9 +116,11 @@ class MLflow:
         self.mlflow, self.uri = mlflow, uri
         self.client = MlflowClient(tracking_uri=uri)
         run_id = stored.get("run_id") if stored.get("tracking_uri") == uri else None
-        if run_id is not None:
+        if run_id is not None and _exists(lambda: self.client.get_run(run_id)):
             self.client.update_run(run_id, status="RUNNING")
         else:
+            if run_id is not None:
+                log.warning("MLflow run %s of %s is gone from %s: starting a new one", run_id, STATE_FILE, uri)
             experiment = self.client.get_experiment_by_name(settings.experiment)
             experiment_id = (experiment.experiment_id if experiment is not None
                              else self.client.create_experiment(settings.experiment))
@@ -263,6 +265,14 @@ def _one_line(error: BaseException, extra: str = "") -> str:
     if isinstance(error, ImportError) and extra:
         text += f" — pip install 'jaxmed[{extra}]'"
     return f"{type(error).__name__}: {text[:300]}"
+
+
+def _exists(get) -> bool:
+    try:
+        get()
+        return True
+    except Exception:  # MLflow raises MlflowException (RESOURCE_DOES_NOT_EXIST) for a deleted or foreign run id
+        return False
 
 
 def _config_dict(config) -> dict:
