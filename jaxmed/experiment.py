@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import jax
-
 from jaxmed import train
 from jaxmed.evaluate import report
+from jaxmed.train import trackers
 from jaxmed.train.checkpoint import Checkpoints
-from jaxmed.train.trackers import Trackers
 
 
 def train_and_evaluate(config, workdir) -> dict:
@@ -15,6 +13,11 @@ def train_and_evaluate(config, workdir) -> dict:
 
     → {"steps", "history", "test": report} or {"preempted_at": step}.
     """
+    with trackers.session(workdir, config) as tracked:  # one tracker session for training and evaluation
+        return _train_and_evaluate(config, workdir, tracked)
+
+
+def _train_and_evaluate(config, workdir, tracked) -> dict:
     result = train.train(config, workdir)
     if "preempted_at" in result:
         return result
@@ -25,8 +28,6 @@ def train_and_evaluate(config, workdir) -> dict:
             result["test"] = report.evaluate_run(run, checkpoints, eval_step, "test")
         finally:
             checkpoints.close()
-        if jax.process_index() == 0:  # the dashboards get the test numbers and figures beside the training curves
-            trackers = Trackers(workdir, config)
-            trackers.log_evaluation(result["steps"], result["test"], run.workdir / "eval" / "test")
-            trackers.close()
+        if tracked is not None:  # the dashboards get the test numbers and figures beside the training curves
+            tracked.log_evaluation(result["steps"], result["test"], run.workdir / "eval" / "test")
     return result

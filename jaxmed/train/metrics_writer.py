@@ -10,7 +10,7 @@ from etils import epath
 from tqdm.auto import tqdm
 
 from jaxmed.config import base_config
-from jaxmed.train.trackers import Trackers
+from jaxmed.train import trackers
 
 
 class MetricsWriter:
@@ -24,7 +24,9 @@ class MetricsWriter:
         self.active = jax.process_index() == 0
         if self.active:
             workdir = epath.Path(workdir)
-            self.trackers = Trackers(workdir, config if config is not None else base_config())
+            # the experiment's tracker session (trackers.session) when there is one, so evaluation logs to it too
+            self.trackers, self.owns_trackers = trackers.for_run(workdir, config if config is not None
+                                                                 else base_config())
             self.path = workdir / "metrics.jsonl"
             self.remote = "://" in str(workdir) if append is None else not append
             if self.remote:
@@ -46,7 +48,8 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.active:
-            self.trackers.close()
+            if self.owns_trackers:
+                self.trackers.close()
             if not self.remote:
                 self.jsonl.close()
 

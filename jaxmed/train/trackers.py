@@ -9,6 +9,8 @@ cannot start (not installed, no credentials, no network, a server that does not 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -26,6 +28,8 @@ FIGURES = ("confusion_matrix.png", "roc_curves.png", "pr_curves.png", "reliabili
 # Report entries that are not headline numbers: per-class tables, matrices, intervals, settings.
 NOT_HEADLINE = frozenset({"per_class", "confusion_matrix", "ci95", "bootstrap", "class_names", "operating_point"})
 MLFLOW_PARAM_LENGTH = 6000  # MLflow rejects longer parameter values
+# The trackers of the experiment running in this context (session()), which the training loop's writer logs to.
+_SESSION: contextvars.ContextVar = contextvars.ContextVar("jaxmed_trackers", default=None)
 
 
 class TensorBoard:
@@ -163,11 +167,38 @@ def check_names(names) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+@contextlib.contextmanager
+def session(workdir, config):
+    """Trackers opened once for all that happens inside — training, then the test evaluation — so one process's
+    run is one tracker session (one wandb offline directory); closed at the end. None on processes other than 0."""
+    import jax
+
+    if jax.process_index() != 0:
+        yield None
+        return
+    opened = Trackers(workdir, config)
+    token = _SESSION.set(opened)
+    try:
+        yield opened
+    finally:
+        _SESSION.reset(token)
+        opened.close()
+
+
+def for_run(workdir, config) -> tuple[Trackers, bool]:
+    """(the session's trackers when one is open for this workdir, else new ones; whether the caller owns them)."""
+    current = _SESSION.get()
+    if current is not None and str(current.workdir) == str(epath.Path(workdir)):
+        return current, False
+    return Trackers(workdir, config), True
+
+
 class Trackers:
     """The trackers of one run (process 0 only), each started within the time box; failures become warnings."""
 
     def __init__(self, workdir, config):
         self.workdir, self.timeout = epath.Path(workdir), float(config.train.get("tracker_start_timeout", 60.0))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         state_path = self.workdir / STATE_FILE
         stored = json.loads(state_path.read_text()) if state_path.exists() else {}
         self.open = []
