@@ -43,6 +43,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.folds = 0  # K > 1: K-fold cross-validation of train+val into W/fold_<k>/ and W/cv/ (crossval.py)
     config.train.evaluate_test = True  # at the end, evaluate the best checkpoint on the test split
     config.train.async_checkpoints = True
+    config.train.trackers = ("tensorboard",)  # any of tensorboard, wandb, mlflow: each gets what metrics.jsonl gets
+    config.train.tracker_start_timeout = 60.0  # seconds a tracker may take to start; then training goes on without it
+    config.train.wandb = ml_collections.ConfigDict()  # WANDB_MODE=offline keeps the run in W/wandb for `wandb sync`
+    config.train.wandb.project = "jaxmed"
+    config.train.wandb.entity = ""  # empty: your default entity
+    config.train.wandb.name = ""  # run name; empty: the workdir's name
+    config.train.wandb.tags = ()
+    config.train.mlflow = ml_collections.ConfigDict()
+    config.train.mlflow.tracking_uri = ""  # empty: MLFLOW_TRACKING_URI, else a file store in W/mlruns
+    config.train.mlflow.experiment = "jaxmed"
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adamw"  # adamw | sgd

@@ -58,6 +58,7 @@ def export(workdir, out, which: str = "best"):
 
     from jaxmed.config import load_run_config
     from jaxmed.convert import hub
+    from jaxmed.data import nifti
     from jaxmed.train.checkpoint import workdir_path
 
     model, source = load_trained(workdir, which)
@@ -67,6 +68,7 @@ def export(workdir, out, which: str = "best"):
         data = load_run_config(directory).data
         (path / INPUT_FILE).write_text(json.dumps(
             {"grayscale": bool(data.grayscale), "dicom_frame": int(data.get("dicom_frame", -1)),
+             **nifti.VolumeSettings.from_config(data).to_dict(),  # how NIfTI inputs become slices
              "exported_from": f"{directory} {source}"}, indent=1) + "\n")
     for name in STORED_WITH_RUN:
         stored = directory / name

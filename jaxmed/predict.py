@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxmed.cli import OneLineParser, run_command
-from jaxmed.data import decode
+from jaxmed.data import decode, nifti
 from jaxmed.errors import JaxmedError
 
 log = logging.getLogger("jaxmed.predict")
@@ -55,6 +55,7 @@ class Predictor:
     batch_size: int
     notes: list[str]  # what the summary should tell: files next to the model that were not applied
     conformal: dict | None = None  # conformal.json's thresholds for this model's calibrated probabilities
+    volumes: nifti.VolumeSettings = nifti.VolumeSettings()  # how NIfTI inputs become slices: the run's data.volume_*
 
 
 def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", color: bool = False,
@@ -75,6 +76,7 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
         stored = _stored_with(directory)
         model, source = export.load_trained(directory, checkpoint, dtype=jnp.dtype(config.model.dtype))
         grayscale, frame = bool(config.data.grayscale), int(config.data.get("dicom_frame", -1))
+        volumes = nifti.VolumeSettings.from_config(config.data)
         origin, batch_size = {"checkpoint": f"{directory} {source}"}, batch_size or config.train.eval_batch_size
     else:
         directory = Path(model_dir).expanduser()
@@ -84,6 +86,9 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
         stored = _stored_with(directory)
         model, source = hub.from_pretrained(directory), None
         grayscale, frame = _exported_input(directory, color)
+        from jaxmed.export import INPUT_FILE
+
+        volumes = nifti.VolumeSettings.from_config(_read_json(directory / INPUT_FILE) or {})
         origin = {"model": str(directory)}
     names = [model.config.id2label[index] for index in range(model.config.num_labels)]
     preprocessor = Preprocessor.from_config(hub.preprocessor_config(model))
@@ -100,7 +105,7 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
     return Predictor(model, names, preprocessor, grayscale, frame, temperature, stored[0] is not None,
                      _operating_point(stored[1], directory / "operating_point.json", names), origin,
                      batch_size or DEFAULT_BATCH_SIZE, notes,
-                     conformal.read_stored(directory, source, temperature, names, notes))
+                     conformal.read_stored(directory, source, temperature, names, notes), volumes)
 
 
 def _exported_input(directory: Path, color: bool) -> tuple[bool, int]:
@@ -194,10 +199,15 @@ def collect_inputs(inputs) -> tuple[list[Path], list[tuple[str, str]], int]:
 
 def _decoder(predictor: Predictor):
     """path → (uint8 model-size image, None) or (None, reason): cache.py's eval decoding, file by file."""
+    volumes = nifti.Volumes(predictor.volumes)
+
     def work(path):
         try:
-            image = decode.clean(decode.open_image(path, dicom_frame=predictor.dicom_frame),
-                                 grayscale=predictor.grayscale)
+            if isinstance(path, (nifti.VolumeSlice, nifti.UnreadableVolume)):  # a slice of a NIfTI volume
+                raw = volumes.read(path)
+            else:
+                raw = decode.open_image(path, dicom_frame=predictor.dicom_frame)
+            image = decode.clean(raw, grayscale=predictor.grayscale)
             return predictor.preprocessor.geometry(image), None  # "L" becomes RGB here, as in the cache
         except Exception as error:  # any file problem is that file's, never the batch's
             return None, str(error) if isinstance(error, decode.UnreadableImage) else f"{type(error).__name__}: {error}"
@@ -410,9 +420,14 @@ def run(args) -> dict:
                                color=args.color, batch_size=args.batch_size or None)
     log.info("%d files to predict%s", len(files), f" ({ignored} non-image files in the folders ignored)"
              if ignored else "")
+    volume_count = sum(nifti.is_nifti_name(path.name) for path in files)
+    files = nifti.Volumes(predictor.volumes).expand(files)  # each NIfTI volume becomes its slices
     result = predict_files(predictor, files, skipped=skipped, strict=args.strict, keep_images=args.explain)
     out = Path(args.out).expanduser()
     summary = write_outputs(out, predictor, result, ignored)
+    if volume_count:  # each slice is a row of predictions.csv (path#axis=index); an unreadable volume one of skipped
+        summary["volumes"] = {"files": volume_count, "slices": sum(isinstance(entry, nifti.VolumeSlice)
+                                                                  for entry in files), **predictor.volumes.to_dict()}
     if args.explain:
         summary["explained"] = len(explain(predictor, result, out / "explain"))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

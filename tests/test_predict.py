@@ -222,6 +222,7 @@ def test_export_carries_temperature_operating_point_and_input_handling(trained, 
         assert json.loads((out / "operating_point.json").read_text())["threshold"] == threshold
         handling = json.loads((out / "jaxmed_input.json").read_text())
         assert handling["grayscale"] is True and handling["dicom_frame"] == -1 and best in handling["exported_from"]
+        assert (handling["volume_axis"], handling["volume_slices"], handling["volume_frame"]) == ("axial", "middle", 0)
         loaded = predict.load_predictor(model_dir=out)
         assert (loaded.temperature, loaded.grayscale, loaded.calibrated) == (2.5, True, True)
         colleague = predict.predict_files(loaded, files)

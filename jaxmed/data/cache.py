@@ -86,6 +86,9 @@ def build(directory: Path, source: Source, config, preprocessor: Preprocessor) -
     if config.get("group_pattern", ""):
         names = [name for part in source.splits.values() for name in part.names()]
         items.groups = splits.patient_groups(names, config.group_pattern, strict=config.strict)
+    elif any(part.groups is not None for part in source.splits.values()):  # e.g. the slices of NIfTI volumes
+        items.groups = np.asarray([group for part in source.splits.values()
+                                   for group in (part.groups if part.groups is not None else part.names())], object)
     folds = config.get("cv_folds", 0)
     carving = config.val_fraction > 0 and ("val" not in source.splits or config.merge_train_val or folds)
     carving = carving or config.get("calibration_fraction", 0.0) > 0  # the calibration split is carved from train

@@ -33,6 +33,11 @@ def default_config() -> ml_collections.ConfigDict:
     config.decode_threads = 0  # threads decoding files into the cache; 0 = one per core
     config.dicom_frame = -1  # multi-frame DICOM: which frame; -1 = the middle one
     config.mask_root = ""  # lesion masks (PNG) at the images' paths relative to data.root: explanation localisation
+    # NIfTI volumes (.nii, .nii.gz) become 2-D slices (data/nifti.py), each slice id `path#axis=index`:
+    config.volume_axis = "axial"  # axial | sagittal | coronal, in the canonical (RAS+) orientation
+    config.volume_slices = ml_collections.FieldReference("middle", field_type=object)  # "middle" | "all" | an
+    #                      integer k: k evenly spaced slices within the volume's non-empty extent
+    config.volume_frame = 0  # 4-D volumes: which frame (time point / volume index)
 
     config.synthetic = ml_collections.ConfigDict()
     config.synthetic.size = 96
