@@ -91,7 +91,8 @@ def imagefolder(config) -> Source:
         splits[split] = SourceSplit([str(path) for path in paths], np.asarray(labels, np.int64),
                                     _file_reader(paths, config.get("dicom_frame", -1)), str(folder),
                                     str(folder))
-    return Source(f"imagefolder {root}", class_names, splits, {"root": str(root.resolve()), "files": _digest(stats)})
+    # The identity is relative paths, sizes and mtimes, not where the data is mounted: hosts share one cache.
+    return Source(f"imagefolder {root}", class_names, splits, {"files": _digest(stats)})
 
 
 def find_split_folders(root: Path, config) -> dict[str, Path]:
@@ -154,7 +155,7 @@ def _digest(value) -> str:
 def _tree_identity(root: Path) -> dict:
     stats = [(str(path.relative_to(root)), *_stat(path)) for path in sorted(root.rglob("*"))
              if path.is_file() and not any(decode.is_junk(part) for part in path.relative_to(root).parts)]
-    return {"root": str(root.resolve()), "files": _digest(stats)}
+    return {"files": _digest(stats)}
 
 
 def _our_split(name: str) -> str | None:
