@@ -51,15 +51,15 @@ def check(rows: dict[str, np.ndarray], pixel_hashes: list, phashes: np.ndarray, 
           ids: list[str], threshold: int) -> tuple[dict, np.ndarray]:
     """→ (report, train rows that duplicate a val or test image). `rows` are item indices per split."""
     report = {"near_duplicate_threshold": threshold, "confirming_correlation": CONFIRM, "pairs": {}}
-    leaked = []
+    leaked, hashes = [], np.asarray(pixel_hashes)
     for first, second in PAIRS:
         if first not in rows or second not in rows:
             continue
         exact = _exact_pairs(rows[first], rows[second], pixel_hashes)
-        near = _near_pairs(rows[first], rows[second], phashes, threshold) if threshold >= 0 else _NONE
-        near = _confirmed(near, pixel_hashes, thumbnails)
+        candidates = _near_pairs(rows[first], rows[second], phashes, threshold) if threshold >= 0 else _NONE
+        near = _confirmed(candidates, hashes, thumbnails)
         report["pairs"][f"{first}-{second}"] = {
-            "exact": len(exact), "near": len(near),
+            "exact": len(exact), "near": len(near), "near_candidates": len(candidates),
             f"{first}_images_involved": len({a for a, _ in exact} | {a for a, _, _ in near}),
             "exact_examples": [{first: ids[a], second: ids[b]} for a, b in exact[:EXAMPLES]],
             "near_examples": [{first: ids[a], second: ids[b], "hamming": int(distance)}
@@ -78,27 +78,26 @@ def _exact_pairs(first: np.ndarray, second: np.ndarray, pixel_hashes: list) -> l
     return [(int(a), b) for a in first for b in by_hash.get(pixel_hashes[a], ())]
 
 
-def _confirmed(pairs: np.ndarray, pixel_hashes: list, thumbnails: np.ndarray) -> list:
+def _confirmed(pairs: np.ndarray, pixel_hashes: np.ndarray, thumbnails: np.ndarray) -> list:
     """The (a, b, distance) pairs that are not exact duplicates and whose 32×32 thumbnails correlate ≥ CONFIRM,
     CONFIRM_CHUNK pairs at a time (thumbnails may be a memory map: only each chunk's rows are read)."""
     kept = []
     for start in range(0, len(pairs), CONFIRM_CHUNK):
         chunk = pairs[start:start + CONFIRM_CHUNK]
-        chunk = chunk[[pixel_hashes[a] != pixel_hashes[b] for a, b, _ in chunk]]
-        if not len(chunk):
-            continue
+        chunk = chunk[pixel_hashes[chunk[:, 0]] != pixel_hashes[chunk[:, 1]]]
         first, second = np.unique(chunk[:, 0]), np.unique(chunk[:, 1])  # sorted reads of a memory map
-        a_thumbs, b_thumbs = _standardised(thumbnails[first]), _standardised(thumbnails[second])
+        a_thumbs, b_thumbs = (_standardised(thumbnails[rows]) for rows in (first, second))
         a_rows, b_rows = np.searchsorted(first, chunk[:, 0]), np.searchsorted(second, chunk[:, 1])
-        correlation = np.mean(a_thumbs[a_rows] * b_thumbs[b_rows], axis=(1, 2))
-        kept += [(int(a), int(b), int(distance)) for (a, b, distance), value in zip(chunk, correlation)
-                 if value >= CONFIRM]
+        correlation = np.einsum("ij,ij->i", a_thumbs[a_rows], b_thumbs[b_rows]) / a_thumbs.shape[1]
+        kept += [(int(a), int(b), int(distance)) for a, b, distance in chunk[correlation >= CONFIRM]]
     return kept
 
 
 def _standardised(images: np.ndarray) -> np.ndarray:
-    values = images.astype(np.float32)
-    mean, std = values.mean(axis=(1, 2), keepdims=True), values.std(axis=(1, 2), keepdims=True)
+    """(n, 32, 32) → (n, 1024) float32, each row of mean 0 and standard deviation 1 (reduced as rows: 2× faster
+    than over the last two axes, and the same numbers)."""
+    values = images.reshape(len(images), -1).astype(np.float32)
+    mean, std = values.mean(axis=1, keepdims=True), values.std(axis=1, keepdims=True)
     return (values - mean) / np.maximum(std, 1e-3)
 
 
