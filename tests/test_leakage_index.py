@@ -58,3 +58,12 @@ def test_check_confirms_in_bounded_memory_with_the_same_result():
     found = report["pairs"]["train-test"]
     assert (found["exact"], found["near"]) == (1, 9)
     assert leaked.tolist() == list(range(10))
+
+
+def test_candidates_that_are_all_exact_duplicates_are_not_near_duplicates():
+    thumbnails = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    thumbnails[2:] = thumbnails[:2]
+    report, leaked = leakage.check({"train": np.arange(2), "test": np.arange(2, 4)}, ["a", "b", "a", "b"],
+                                   np.zeros(4, np.uint64), thumbnails, list("wxyz"), threshold=4)
+    assert (report["pairs"]["train-test"]["exact"], report["pairs"]["train-test"]["near"]) == (2, 0)
+    assert leaked.tolist() == [0, 1]

@@ -84,7 +84,9 @@ def _confirmed(pairs: np.ndarray, pixel_hashes: np.ndarray, thumbnails: np.ndarr
     kept = []
     for start in range(0, len(pairs), CONFIRM_CHUNK):
         chunk = pairs[start:start + CONFIRM_CHUNK]
-        chunk = chunk[pixel_hashes[chunk[:, 0]] != pixel_hashes[chunk[:, 1]]]
+        chunk = chunk[pixel_hashes[chunk[:, 0]] != pixel_hashes[chunk[:, 1]]]  # exact pairs are counted as such
+        if not len(chunk):
+            continue
         first, second = np.unique(chunk[:, 0]), np.unique(chunk[:, 1])  # sorted reads of a memory map
         a_thumbs, b_thumbs = (_standardised(thumbnails[rows]) for rows in (first, second))
         a_rows, b_rows = np.searchsorted(first, chunk[:, 0]), np.searchsorted(second, chunk[:, 1])
