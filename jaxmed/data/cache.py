@@ -279,7 +279,9 @@ def _finish(temporary: Path, source: Source, items: _Items, rows: dict[str, np.n
                               "or replace them, or set data.strict=False to skip them")
         log.warning("skipping %d unreadable images: %s%s", len(skipped), listing, more)
     usable = np.load(temporary / "decoded.npy") == 1
-    _check_classes(source, items, usable)
+    unplanned = np.ones(len(items.ids), bool)  # e.g. the source's test split in a cross-validation fold: not read
+    unplanned[np.concatenate(list(rows.values()))] = False
+    _check_classes(source, items, usable | unplanned)
     kept = {split: np.flatnonzero(usable[split_rows]) for split, split_rows in rows.items()}
     final = {split: rows[split][positions] for split, positions in kept.items()}
     pixel_hashes = [digest.tobytes().hex() for digest in np.load(temporary / "pixel_hash.npy")]
