@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def build(directory: Path, source: Source, config, preprocessor: Preprocessor, g
     if status.startswith("error:"):
         raise JaxmedError(status.removeprefix("error:"))
     temporary = Path(status)
-    if "0" in group.share("sees", str(int((temporary / cache_files.LOCK).exists())), "to look for the files"):
+    if "0" in group.share("sees", str(int(_appears(temporary / cache_files.LOCK))), "to look for the files"):
         log.warning("data.cache_dir %s is not shared by all %d processes: each decodes the whole dataset into its "
                     "own cache (share one folder, e.g. on NFS or Filestore, to decode each image once)",
                     directory.parent, group.count)
@@ -174,6 +175,16 @@ def build(directory: Path, source: Source, config, preprocessor: Preprocessor, g
     status = group.broadcast("finished", "ok", "to finish the cache")
     if status != "ok" and not group.leader:
         raise JaxmedError(failures[0].removeprefix("error:") if failures else status.removeprefix("error:"))
+
+
+def _appears(path: Path, seconds: float = 10.0) -> bool:
+    """Whether `path` exists, waiting a little: NFS clients may cache a folder's old listing for seconds."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def _prepare(directory: Path, files: dict[str, tuple]) -> tuple[Path, int]:
