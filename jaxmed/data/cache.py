@@ -49,7 +49,8 @@ log = logging.getLogger("jaxmed.data")
 
 def settings(config, preprocessor: Preprocessor) -> dict:
     """Everything but the source's identity that changes the cache's pixels or splits."""
-    return {
+    calibration = config.get("calibration_fraction", 0.0)  # only when set: older caches' keys stay the same
+    return ({"calibration_fraction": calibration} if calibration else {}) | {
         "version": VERSION, "format": config.format, "grayscale": config.grayscale,
         "train_size": train_size(config, preprocessor), "class_names": list(config.get("class_names", ()) or ()),
         "geometry": {field: getattr(preprocessor, field) for field in GEOMETRY_FIELDS},
@@ -99,13 +100,18 @@ def _items(source: Source, config) -> _Items:
     if config.get("group_pattern", ""):
         names = [name for part in source.splits.values() for name in part.names()]
         items.groups = splits.patient_groups(names, config.group_pattern, strict=config.strict)
+    elif any(getattr(part, "groups", None) is not None for part in source.splits.values()):  # NIfTI volume slices
+        items.groups = np.asarray([group for part in source.splits.values()
+                                   for group in (part.groups if part.groups is not None else part.names())], object)
     return items
 
 
 def _plan(items: _Items, config, usable: np.ndarray) -> dict[str, np.ndarray]:
+    calibration = config.get("calibration_fraction", 0.0)  # a held-out "calibration" split carved from train
     return splits.plan(items.origin, items.labels, usable, val_fraction=config.val_fraction,
                        seed=config.split_seed, merge_train_val=config.merge_train_val, groups=items.groups,
-                       fold=config.get("cv_fold", -1), folds=config.get("cv_folds", 0))
+                       fold=config.get("cv_fold", -1), folds=config.get("cv_folds", 0),
+                       **({"calibration_fraction": calibration} if calibration else {}))
 
 
 def layout(rows: dict[str, np.ndarray], count: int, config, preprocessor: Preprocessor) -> dict[str, tuple]:

@@ -133,9 +133,9 @@ def open_cache(directory: Path) -> Dataset:
     for name, entry in meta["splits"].items():
         path = directory / f"{name}.npy"
         images = np.load(path, mmap_mode="r")
-        split_objects[name] = Split(name, GrayImages(images) if images.shape[-1] == 1 else images, np.asarray(entry["labels"], np.int32),
-                                    entry["ids"], np.asarray(entry["sizes"], np.int32).reshape(-1, 2),
-                                    entry["model_ready"], str(path), meta["grayscale"], entry.get("groups"))
+        images = GrayImages(images) if images.shape[-1] == 1 else images  # gray stored once
+        split_objects[name] = Split(name, images, np.asarray(entry["labels"], np.int32), entry["ids"],
+                                    np.asarray(entry["sizes"], np.int32).reshape(-1, 2), entry["model_ready"], str(path), meta["grayscale"], entry.get("groups"))
     leakage_report = json.loads((directory / "leakage.json").read_text())
     return Dataset(split_objects, meta["class_names"], directory, meta["skipped"], leakage_report)
 
