@@ -86,8 +86,9 @@ def test_a_killed_build_leaves_nothing_that_is_reused(tmp_path):
     assert process.returncode == -signal.SIGKILL
     leftovers = list((tmp_path / "cache").iterdir())
     assert leftovers and all(path.name.startswith(".") and ".tmp-" in path.name for path in leftovers)
-    dataset = load_dataset(data_config(tmp_path, root), VIT)  # builds afresh, ignoring the leftover
+    dataset = load_dataset(data_config(tmp_path, root), VIT)  # builds afresh, removing the dead build's folder
     assert len(dataset.splits["train"]) == 12 and (dataset.directory / "meta.json").exists()
+    assert not [path for path in (tmp_path / "cache").iterdir() if ".tmp-" in path.name]
 
 
 def test_an_interrupted_build_cleans_up(tmp_path, monkeypatch):

@@ -31,6 +31,10 @@ def default_config() -> ml_collections.ConfigDict:
     #                    count lets one host reproduce exactly the batches of a larger multi-host job
     config.num_workers = 0  # grain worker processes; 0 = in-process (threads)
     config.decode_threads = 0  # threads decoding files into the cache; 0 = one per core
+    config.fast_decode = False  # True: val/test JPEGs too are decoded at reduced DCT scale (faster, no longer
+    #                             bit-exact with the HF processor); train JPEGs always are
+    config.trust_cache = False  # True: reuse the last cache built for this data.root and settings without listing
+    #                             and stat'ing every file (slow on network filesystems); edits go unnoticed
     config.dicom_frame = -1  # multi-frame DICOM: which frame; -1 = the middle one
     config.mask_root = ""  # lesion masks (PNG) at the images' paths relative to data.root: explanation localisation
     # NIfTI volumes (.nii, .nii.gz) become 2-D slices (data/nifti.py), each slice id `path#axis=index`:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import hashlib
 import json
 import logging
+import os
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 
-from jaxmed.data import cache, sources, splits
+from jaxmed.data import cache, hosts, sources, splits
 from jaxmed.data.preprocess import Preprocessor
 from jaxmed.errors import JaxmedError
 
@@ -21,7 +25,7 @@ log = logging.getLogger("jaxmed.data")
 @dataclasses.dataclass
 class Split:
     name: str
-    images: np.ndarray  # uint8 (N, H, W, 3), memory-mapped
+    images: np.ndarray  # uint8 (N, H, W, 3), memory-mapped (GrayImages: stored (N, H, W, 1), read as 3 channels)
     labels: np.ndarray  # int32 (N,)
     ids: list[str]  # file path or source id of each image
     sizes: np.ndarray  # int32 (N, 2): height, width of the decoded original (augmentation undoes the squash)
@@ -58,31 +62,67 @@ class Dataset:
         return buffer.getvalue()
 
 
+class GrayImages:
+    """A (N, H, W, 1) memory map of gray images read as (N, H, W, 3): the cache stores the channel once; readers
+    that index it get the three equal channels the model sees (the batch pipeline reads the file itself)."""
+
+    def __init__(self, stored: np.ndarray):
+        self.stored = stored
+        self.shape, self.dtype, self.ndim = (*stored.shape[:-1], 3), stored.dtype, stored.ndim
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def __getitem__(self, index) -> np.ndarray:
+        return np.repeat(np.asarray(self.stored[index]), 3, axis=-1)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self[:]
+        return array if dtype is None else array.astype(dtype)
+
+
 def load_dataset(config, preprocessor: Preprocessor) -> Dataset:
-    """Builds the cache on first use (decoding in parallel), then memory-maps it; logs the per-class counts."""
-    source = sources.open_source(config)
-    directory = cache.directory_for(source, config, preprocessor)
-    if (directory / "meta.json").exists():
-        log.info("using the decoded cache %s", directory)
-    else:
-        log.info("decoding %s into %s", source.description, directory)
-        cache.build(directory, source, config, preprocessor)
+    """Builds the cache on first use (decoding in parallel; on several hosts each decodes its share), then
+    memory-maps it; logs the per-class counts."""
+    group = hosts.Group.current()
+    pointer = _pointer(config, preprocessor)
+    directory, source = None, None
+    if config.get("trust_cache", False) and pointer.exists():
+        directory = pointer.parent.parent / pointer.read_text().strip()
+        directory = directory if (directory / "meta.json").exists() else None
+    if "0" in group.share("trusted", str(int(directory is not None)), "to look for the cache"):
+        directory = None  # every host must take the same path
+    if directory is not None:
+        log.info("data.trust_cache=True: using the decoded cache %s without checking the files", directory)
+    if directory is None:
+        started = time.monotonic()
+        source = sources.open_source(config)
+        directory = cache.directory_for(source, config, preprocessor)
+        have = (directory / "meta.json").exists()
+        if have:
+            log.info("using the decoded cache %s (listing and stat'ing every file of %s took %.2f s; "
+                     "data.trust_cache=True skips that)", directory, source.description, time.monotonic() - started)
+        if "0" in group.share("have_cache", str(int(have)), "to look for the cache"):
+            log.info("decoding %s into %s", source.description, directory)
+            cache.build(directory, source, config, preprocessor, group)
+        _write_pointer(pointer, directory)
     dataset = open_cache(directory)
+    description = source.description if source else json.loads((directory / "meta.json").read_text())["source"]
     if config.strict and dataset.skipped:
-        raise JaxmedError(f"{len(dataset.skipped)} unreadable images in {source.description}, e.g. "
+        raise JaxmedError(f"{len(dataset.skipped)} unreadable images in {description}, e.g. "
                           f"{dataset.skipped[0]['id']} ({dataset.skipped[0]['error']}) — remove or replace them, "
                           "or set data.strict=False to skip them")
-    log.info("%s: images per split and class\n%s", source.description, dataset.summary())
+    log.info("%s: images per split and class\n%s", description, dataset.summary())
     patients = dataset.leakage.get("patients")
     if patients:
         for pair, found in patients["pairs"].items():
             if found["shared_patients"]:
-                log.warning("%s: %d patients have images in both %s (see %s/leakage.json)", source.description,
+                log.warning("%s: %d patients have images in both %s (see %s/leakage.json)", description,
                             found["shared_patients"], pair, directory)
     for pair, found in dataset.leakage.get("pairs", {}).items():
         if found["exact"] or found["near"]:
             log.warning("%s: %d exact and %d near-duplicate pairs across %s (see %s/leakage.json%s)",
-                        source.description, found["exact"], found["near"], pair, directory,
+                        description, found["exact"], found["near"], pair, directory,
                         "; dropped from train" if config.drop_duplicates else "; data.drop_duplicates=True drops them")
     return dataset
 
@@ -92,8 +132,23 @@ def open_cache(directory: Path) -> Dataset:
     split_objects = {}
     for name, entry in meta["splits"].items():
         path = directory / f"{name}.npy"
-        split_objects[name] = Split(name, np.load(path, mmap_mode="r"), np.asarray(entry["labels"], np.int32),
-                                    entry["ids"], np.asarray(entry["sizes"], np.int32).reshape(-1, 2),
-                                    entry["model_ready"], str(path), meta["grayscale"], entry.get("groups"))
+        images = np.load(path, mmap_mode="r")
+        images = GrayImages(images) if images.shape[-1] == 1 else images  # gray stored once
+        split_objects[name] = Split(name, images, np.asarray(entry["labels"], np.int32), entry["ids"],
+                                    np.asarray(entry["sizes"], np.int32).reshape(-1, 2), entry["model_ready"], str(path), meta["grayscale"], entry.get("groups"))
     leakage_report = json.loads((directory / "leakage.json").read_text())
     return Dataset(split_objects, meta["class_names"], directory, meta["skipped"], leakage_report)
+
+
+def _pointer(config, preprocessor: Preprocessor) -> Path:
+    """Where the name of the last cache built for this data.root and these settings is kept (data.trust_cache)."""
+    key = json.dumps({**cache.settings(config, preprocessor), "root": config.root}, sort_keys=True, default=str)
+    return (Path(config.cache_dir).expanduser() / ".latest" /
+            f"{config.format}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+
+
+def _write_pointer(pointer: Path, directory: Path) -> None:
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    partial = pointer.with_name(f"{pointer.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    partial.write_text(directory.name)
+    os.replace(partial, pointer)

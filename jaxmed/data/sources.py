@@ -99,7 +99,8 @@ def imagefolder(config) -> Source:
         # all slices of a volume are one patient (its path), so carved splits and folds keep volumes whole
         splits[split].groups = [os.path.relpath(getattr(entry, "path", entry), folder).replace(os.sep, "/")
                                 for entry in entries]
-    identity = {"root": str(root.resolve()), "files": _digest(stats)}
+    # The identity is relative paths, sizes and mtimes, not where the data is mounted: hosts share one cache.
+    identity = {"files": _digest(stats)}
     if volume_files:
         identity["volumes"] = volumes.settings.to_dict()  # other slices are other images: another cache
     else:  # plain images keep today's splits (scikit-learn's train_test_split, no groups)
@@ -174,7 +175,7 @@ def _digest(value) -> str:
 def _tree_identity(root: Path) -> dict:
     stats = [(str(path.relative_to(root)), *_stat(path)) for path in sorted(root.rglob("*"))
              if path.is_file() and not any(decode.is_junk(part) for part in path.relative_to(root).parts)]
-    return {"root": str(root.resolve()), "files": _digest(stats)}
+    return {"files": _digest(stats)}
 
 
 def _our_split(name: str) -> str | None:
