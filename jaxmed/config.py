@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.target_recall = 0.99
     config.eval.bootstrap = 1000  # resamples for the 95% confidence intervals; 0 disables
     config.eval.seed = 0
+    config.eval.ood_method = ""  # energy | mahalanobis | rmds | vim | knn; empty: the architecture's default
+    #                              (jaxmed/evaluate/ood.py DEFAULT_METHOD); every detector is reported either way
+    config.eval.ood_keep = 0.95  # fraction of val images kept as in distribution: sets the OOD threshold
     config.eval.grid_images = 16  # predictions_grid.png
     config.eval.explain_per_class = 2  # images per class in attention_rollout.png, gradcam_predicted_class.png;
     #                                    0 disables

@@ -338,8 +338,9 @@ def _read(path: Path):
     """predictions.csv → ids, labels, probabilities, class names; a damaged file is named, not a traceback."""
     with open(path, newline="") as handle:
         header = next(csv.reader(handle), [])
+    # p_<class> columns follow the prediction; later columns (ood_score, …) are read by whoever needs them
     if header[:3] != ["id", "label", "prediction"] or len(header) < 5 or \
-            not all(column.startswith("p_") for column in header[3:]):
+            not all(column.startswith("p_") for column in header[3:5]):
         raise JaxmedError(f"{path} is not a predictions file written by jaxmed.evaluate (expected the columns id, "
                           f"label, prediction, p_<class>…; got {', '.join(header[:6]) or 'nothing'})")
     try:
