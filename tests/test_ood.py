@@ -160,3 +160,43 @@ def test_flag_rate_has_a_wilson_interval():
     rate = ood.flag_rate(np.array([True] * 5 + [False] * 95))
     assert rate["flagged"] == 5 and rate["rate"] == 0.05
     assert rate["ci95"] == pytest.approx([0.02154, 0.11175], abs=1e-4)  # Wilson 95% for 5/100
+
+
+TINY_MODELS = {  # model type → (jaxmed class name, HF config kwargs); 3 classes each
+    "vit": ("ViT", dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32)),
+    "cvt": ("CvT", dict(embed_dim=[16, 32], num_heads=[1, 2], depth=[1, 2], mlp_ratio=[4.0, 2.0],
+                        patch_sizes=[7, 3], patch_stride=[4, 2], patch_padding=[2, 1], qkv_bias=[True, True],
+                        cls_token=[False, True], qkv_projection_method=["dw_bn", "dw_bn"], kernel_qkv=[3, 3],
+                        padding_kv=[1, 1], stride_kv=[2, 2], padding_q=[1, 1], stride_q=[1, 1],
+                        drop_rate=[0.0, 0.0], attention_drop_rate=[0.0, 0.0], drop_path_rate=[0.0, 0.1])),
+    "resnet": ("ResNet", dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")),
+    "efficientnet": ("EfficientNet", dict(width_coefficient=0.5, image_size=32, in_channels=[32, 16],
+                                          out_channels=[16, 24], kernel_sizes=[3, 5], strides=[1, 2],
+                                          num_block_repeats=[1, 1], expand_ratios=[1, 6], hidden_dim=640)),
+    "jaxmed_sae": ("SAE", dict(image_size=32, hidden_sizes=[24, 12])),
+}
+
+
+@pytest.mark.parametrize("model_type", TINY_MODELS)
+def test_every_model_returns_the_features_its_classifier_reads(model_type):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxmed.models import MODELS
+
+    config_class, model_class = MODELS[model_type]
+    config = config_class(num_labels=3, **TINY_MODELS[model_type][1])
+    pixels = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+
+    @jax.jit
+    def forward():
+        model = model_class(config, rngs=nnx.Rngs(0))
+        model.eval()
+        output = model.forward(pixels)
+        return output.features, output.logits, model.classifier(output.features)
+
+    features, logits, from_features = forward()
+    assert features.ndim == 2 and features.shape[0] == 2 and features.shape[1] >= 8
+    np.testing.assert_allclose(from_features, logits, rtol=1e-6, atol=1e-6)
