@@ -136,6 +136,21 @@ def test_default_methods_and_a_wrong_name():
         ood.default_method("vit", "psychic")
 
 
+def test_bad_ood_keys_fail_before_training(tmp_path):
+    from helpers_configs import config_file
+    from jaxmed import experiment
+
+    config = config_file("tests/tiny_config.py")
+    config.data.cache_dir = str(tmp_path / "cache")
+    for key, value, message in (("ood_method", "psychic", "eval.ood_method='psychic'"),
+                                ("ood_keep", 1.5, "eval.ood_keep=1.5")):
+        bad = config.copy_and_resolve_references()
+        bad.eval[key] = value
+        with pytest.raises(JaxmedError, match=message):
+            experiment.train_and_evaluate(bad, tmp_path / key)
+        assert not (tmp_path / key / "checkpoints").exists()  # nothing trained
+
+
 def test_probes_are_what_they_say():
     rng = np.random.default_rng(0)
     sources = np.repeat(rng.integers(0, 256, (6, 32, 32, 1), dtype=np.uint8), 3, axis=-1)

@@ -128,10 +128,21 @@ def _kth_neighbour_distance(bank, queries, k: int) -> np.ndarray:
 
 def threshold_at(val_scores, keep: float) -> float:
     """The score at or below which a `keep` fraction of the validation images lie: above it is flagged."""
-    if not 0 < keep <= 1:
-        raise JaxmedError(f"eval.ood_keep={keep} must be in (0, 1]: the fraction of validation images kept as in "
-                          "distribution (0.95 flags about 5% of them)")
+    _check_keep(keep)
     return float(np.quantile(np.asarray(val_scores, np.float64), keep, method="higher"))
+
+
+def check_config(eval_config) -> None:
+    """Before training, so a mistyped key fails now rather than at the evaluation hours later."""
+    if eval_config.ood_method and eval_config.ood_method not in DETECTORS:
+        default_method("", eval_config.ood_method)
+    _check_keep(eval_config.ood_keep)
+
+
+def _check_keep(keep) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise JaxmedError(f"eval.ood_keep={keep!r} must be in (0, 1]: the fraction of validation images kept as in "
+                          "distribution (0.95 flags about 5% of them)")
 
 
 def default_method(model_type: str, configured: str = "") -> str:
@@ -276,6 +287,7 @@ def fit_on_run(run, params, stats, flat: dict, split_name: str, source: str) -> 
     from jaxmed.train.run import make_features_step, predict_features
 
     ec, splits = run.config.eval, run.dataset.splits
+    check_config(ec)
     method = default_method(run.spec.hf_config.model_type, ec.ood_method)
     if "val" not in splits:
         return ({"method": method, "skipped": "no val split to set the threshold on (data.val_fraction = 0): no OOD "
@@ -297,7 +309,8 @@ def fit_on_run(run, params, stats, flat: dict, split_name: str, source: str) -> 
     scores = detectors.scores(features, logits)
     output = eval_size(run.preprocessor)
     views = np.stack([eval_view(train.images[row], train.sizes[row], run.preprocessor, output, model_ready=False,
-                                gray=train.grayscale) for row in rows[:PROBES_PER_KIND]])
+                                gray=train.grayscale)  # a seeded sample across the (class-sorted) split
+                      for row in np.random.default_rng(ec.seed).permutation(rows)[:PROBES_PER_KIND]])
     probe_images, kinds = far_ood_probes(views, PROBES_PER_KIND, ec.seed, gray=bool(run.config.data.grayscale))
     probes = dataclasses.replace(train, name="probes", images=probe_images, labels=np.zeros(len(kinds), np.int32),
                                  sizes=np.tile(np.asarray(output, np.int32), (len(kinds), 1)), model_ready=True,
