@@ -22,7 +22,7 @@ def demo_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("ood")
     config = config_file("configs/demo.py")
     config.data.cache_dir = str(base / "cache")
-    config.data.synthetic.train_per_class = 120
+    config.data.synthetic.train_per_class = 100
     config.data.synthetic.test_per_class = 10
     config.train.epochs, config.train.min_steps, config.train.eval_every_steps = 5, 0, 25
     config.train.async_checkpoints = False
