@@ -95,3 +95,19 @@ def test_a_run_evaluated_before_ood_detection_predicts_with_empty_columns(demo_r
     assert summary["out_of_distribution"] is None
     assert [note for note in summary["notes"] if "no OOD detectors" in note]
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_detectors_of_another_checkpoint_are_neither_applied_nor_exported(demo_run, tmp_path, caplog):
+    workdir, folder, _, _ = demo_run
+    fitted_for = json.loads((workdir / "ood/ood.json").read_text())["checkpoint"]
+    with caplog.at_level(logging.WARNING):
+        hf_dir = export.export(workdir, tmp_path / "hf", which="latest")
+        assert predict.main(["--workdir", str(workdir), "--checkpoint", "latest", str(folder / "phantoms"), "--out",
+                             str(tmp_path / "out")]) == 0
+    assert not (hf_dir / "ood").exists()
+    assert any(f"ood is for {fitted_for}, not the exported checkpoints/" in record.getMessage()
+               for record in caplog.records)
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["out_of_distribution"] is None
+    assert any(note.startswith(f"ood/ is for {fitted_for}, not checkpoints/") for note in summary["notes"])
+    assert {row["out_of_distribution"] for row in _rows(tmp_path / "out/predictions.csv")} == {""}

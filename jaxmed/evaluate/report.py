@@ -5,6 +5,7 @@
 Also run at the end of training. Metrics come with bootstrap confidence intervals, and — when `eval.positive_class`
 is set — an operating point: the threshold chosen on val to reach `eval.target_recall` for that class, then
 applied to the evaluated split (the clinical question "at what threshold do we miss almost no pneumonia?").
+Every evaluation also fits the out-of-distribution detectors (ood.py) on the checkpoint it evaluates.
 """
 
 from __future__ import annotations
