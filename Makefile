@@ -17,9 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[torch,dev]"
 	touch $@
 
-# The tfds extra (TensorFlow, ~0.5 GB) only for the tests that prepare a TFDS dataset.
+# The tfds extra (TensorFlow, ~0.5 GB) only for the tests that prepare a TFDS dataset; stress (torchio) for the
+# stress test's MRI artefacts; wandb, mlflow (skinny) and nibabel for the tracker and NIfTI tests.
 $(VENV)/.installed-tfds: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[torch,dev,tfds,dicom]"
+	$(PY) -m pip install --quiet -e ".[torch,dev,tfds,dicom,stress,wandb,mlflow,nifti]"
 	touch $@
 
 # Headless Chromium, in which tests/test_report_html.py renders report.html (Debian package; nothing to do when

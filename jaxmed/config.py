@@ -43,6 +43,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.folds = 0  # K > 1: K-fold cross-validation of train+val into W/fold_<k>/ and W/cv/ (crossval.py)
     config.train.evaluate_test = True  # at the end, evaluate the best checkpoint on the test split
     config.train.async_checkpoints = True
+    config.train.trackers = ("tensorboard",)  # any of tensorboard, wandb, mlflow: each gets what metrics.jsonl gets
+    config.train.tracker_start_timeout = 60.0  # seconds a tracker may take to start; then training goes on without it
+    config.train.wandb = ml_collections.ConfigDict()  # WANDB_MODE=offline keeps the run in W/wandb for `wandb sync`
+    config.train.wandb.project = "jaxmed"
+    config.train.wandb.entity = ""  # empty: your default entity
+    config.train.wandb.name = ""  # run name; empty: the workdir's name
+    config.train.wandb.tags = ()
+    config.train.mlflow = ml_collections.ConfigDict()
+    config.train.mlflow.tracking_uri = ""  # empty: MLFLOW_TRACKING_URI, else a file store in W/mlruns
+    config.train.mlflow.experiment = "jaxmed"
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adamw"  # adamw | sgd
@@ -68,9 +78,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.ood_method = ""  # energy | mahalanobis | rmds | vim | knn; empty: the architecture's default
     #                              (jaxmed/evaluate/ood.py DEFAULT_METHOD); every detector is reported either way
     config.eval.ood_keep = 0.95  # fraction of val images kept as in distribution: sets the OOD threshold
+    config.eval.conformal_method = "aps"  # prediction sets: lac | aps (randomised, seeded by eval.seed) | raps
+    config.eval.conformal_mondrian = True  # a threshold per class (class-conditional coverage); False: one for all
+    config.eval.conformal_alpha = 0.05  # sets hold the true class with probability >= 1 - alpha; calibrated on the
+    #                                     calibration split (data.calibration_fraction), else on val (approximate)
     config.eval.grid_images = 16  # predictions_grid.png
     config.eval.explain_per_class = 2  # images per class in attention_rollout.png, gradcam_predicted_class.png;
     #                                    0 disables
+    config.eval.explain_check_images = 48  # images the explanations are checked on (deletion/insertion, model
+    #                                        randomisation, localisation with masks); 0 disables
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = -1  # -1: all devices not used by fsdp

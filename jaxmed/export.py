@@ -8,8 +8,9 @@ same weights always give the same bytes. The stacked autoencoder's directory is 
 
 For `python -m jaxmed.predict --model DIR`, DIR also gets what a colleague without the run needs to predict as the
 run does: jaxmed_input.json (the run's data.grayscale and data.dicom_frame) and, when evaluation stored them for the
-exported checkpoint, the run's calibration.json (temperature), operating_point.json and ood/ (the out-of-distribution
-detectors and threshold). transformers ignores them.
+exported checkpoint, the run's calibration.json (temperature), operating_point.json conformal.json (the
+prediction sets' thresholds) and ood/ (the out-of-distribution detectors and threshold). transformers
+ignores them.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def load_trained(workdir, which: str = "best", *, dtype=None):
 
 
 INPUT_FILE = "jaxmed_input.json"  # the run's input handling that preprocessor_config.json has no field for
-STORED_WITH_RUN = ("calibration.json", "operating_point.json")
+STORED_WITH_RUN = ("calibration.json", "operating_point.json", "conformal.json")
 
 
 def export(workdir, out, which: str = "best"):
@@ -58,6 +59,7 @@ def export(workdir, out, which: str = "best"):
 
     from jaxmed.config import load_run_config
     from jaxmed.convert import hub
+    from jaxmed.data import nifti
     from jaxmed.train.checkpoint import workdir_path
 
     model, source = load_trained(workdir, which)
@@ -67,6 +69,7 @@ def export(workdir, out, which: str = "best"):
         data = load_run_config(directory).data
         (path / INPUT_FILE).write_text(json.dumps(
             {"grayscale": bool(data.grayscale), "dicom_frame": int(data.get("dicom_frame", -1)),
+             **nifti.VolumeSettings.from_config(data).to_dict(),  # how NIfTI inputs become slices
              "exported_from": f"{directory} {source}"}, indent=1) + "\n")
     for name in STORED_WITH_RUN:
         stored = directory / name

@@ -4,7 +4,8 @@ per image, unreadable files listed with the reason, and optional Grad-CAM / atte
     python -m jaxmed.predict (--workdir W [--checkpoint best|latest|STEP] | --model HF_DIR) INPUT... --out DIR
                              [--explain N] [--strict] [--batch-size B] [--color]
 
-DIR gets predictions.csv (path, prediction, p_<class>…, flagged when the run has an operating point, temperature),
+DIR gets predictions.csv (path, prediction, p_<class>…, flagged when the run has an operating point, temperature,
+prediction_set: the conformal set from conformal.json, class names joined by '|', empty without one),
 skipped.csv (path, reason), summary.json and explain/. Probabilities are softmax(logits / T) with T from
 calibration.json next to the model ({"temperature": T}; else T = 1), and rows are flagged when
 p_<positive_class> >= threshold from operating_point.json ({"positive_class": name, "threshold": t}); evaluation
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxmed.cli import OneLineParser, run_command
-from jaxmed.data import decode
+from jaxmed.data import decode, nifti
 from jaxmed.errors import JaxmedError
 
 log = logging.getLogger("jaxmed.predict")
@@ -55,6 +56,8 @@ class Predictor:
     origin: dict  # {"checkpoint": "W … best/8"} or {"model": HF_DIR}, for the summary
     batch_size: int
     notes: list[str]  # what the summary should tell: files next to the model that were not applied
+    conformal: dict | None = None  # conformal.json's thresholds for this model's calibrated probabilities
+    volumes: nifti.VolumeSettings = nifti.VolumeSettings()  # how NIfTI inputs become slices: the run's data.volume_*
     ood: object = None  # jaxmed.evaluate.ood.Fitted from W/ood (HF_DIR/ood), or None: OOD columns left empty
 
 
@@ -63,6 +66,7 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
     from jaxmed.convert import hub
     from jaxmed.data import cache
     from jaxmed.data.preprocess import Preprocessor
+    from jaxmed.evaluate import conformal
 
     if workdir is not None:
         from jaxmed import export
@@ -75,6 +79,7 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
         stored = _stored_with(directory)
         model, source = export.load_trained(directory, checkpoint, dtype=jnp.dtype(config.model.dtype))
         grayscale, frame = bool(config.data.grayscale), int(config.data.get("dicom_frame", -1))
+        volumes = nifti.VolumeSettings.from_config(config.data)
         origin, batch_size = {"checkpoint": f"{directory} {source}"}, batch_size or config.train.eval_batch_size
     else:
         directory = Path(model_dir).expanduser()
@@ -84,6 +89,9 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
         stored = _stored_with(directory)
         model, source = hub.from_pretrained(directory), None
         grayscale, frame = _exported_input(directory, color)
+        from jaxmed.export import INPUT_FILE
+
+        volumes = nifti.VolumeSettings.from_config(_read_json(directory / INPUT_FILE) or {})
         origin = {"model": str(directory)}
     names = [model.config.id2label[index] for index in range(model.config.num_labels)]
     preprocessor = Preprocessor.from_config(hub.preprocessor_config(model))
@@ -99,7 +107,9 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
     temperature = _temperature(stored[0], directory / "calibration.json")
     return Predictor(model, names, preprocessor, grayscale, frame, temperature, stored[0] is not None,
                      _operating_point(stored[1], directory / "operating_point.json", names), origin,
-                     batch_size or DEFAULT_BATCH_SIZE, notes, _ood_detectors(directory, source, notes))
+                     batch_size or DEFAULT_BATCH_SIZE, notes,
+                     conformal.read_stored(directory, source, temperature, names, notes), volumes,
+                     _ood_detectors(directory, source, notes))
 
 
 def _ood_detectors(directory: Path, source: str | None, notes: list[str]):
@@ -211,10 +221,15 @@ def collect_inputs(inputs) -> tuple[list[Path], list[tuple[str, str]], int]:
 
 def _decoder(predictor: Predictor):
     """path → (uint8 model-size image, None) or (None, reason): cache.py's eval decoding, file by file."""
+    volumes = nifti.Volumes(predictor.volumes)
+
     def work(path):
         try:
-            image = decode.clean(decode.open_image(path, dicom_frame=predictor.dicom_frame),
-                                 grayscale=predictor.grayscale)
+            if isinstance(path, (nifti.VolumeSlice, nifti.UnreadableVolume)):  # a slice of a NIfTI volume
+                raw = volumes.read(path)
+            else:
+                raw = decode.open_image(path, dicom_frame=predictor.dicom_frame)
+            image = decode.clean(raw, grayscale=predictor.grayscale)
             return predictor.preprocessor.geometry(image), None  # "L" becomes RGB here, as in the cache
         except Exception as error:  # any file problem is that file's, never the batch's
             return None, str(error) if isinstance(error, decode.UnreadableImage) else f"{type(error).__name__}: {error}"
@@ -264,6 +279,7 @@ class Predictions:
     flagged: np.ndarray | None  # (N,) bool at the operating point, or None without one
     skipped: list[tuple[str, str]]
     images: np.ndarray  # uint8 model-size images of the first `keep_images` rows (for --explain)
+    prediction_sets: np.ndarray | None = None  # (N, classes) bool, conformal sets; None without conformal.json
     ood_scores: np.ndarray | None = None  # (N,) the stored detector's score (higher: less like the training data)
     out_of_distribution: np.ndarray | None = None  # (N,) bool, score above the threshold set on val
 
@@ -272,8 +288,10 @@ def predict_files(predictor: Predictor, files, *, skipped=(), strict: bool = Fal
     from scipy.special import softmax
     from tqdm import tqdm
 
+    from jaxmed.evaluate import conformal
+
     size = predictor.batch_size
-    skipped, paths, logits, features, kept = list(skipped), [], [], [], []
+    skipped, paths, logits, features, kept, digests = list(skipped), [], [], [], [], []
     forward, batch, batch_paths = _forward(predictor), [], []
 
     def flush():
@@ -296,6 +314,7 @@ def predict_files(predictor: Predictor, files, *, skipped=(), strict: bool = Fal
             if len(paths) + len(batch) < keep_images:
                 kept.append(image)
             batch.append(image), batch_paths.append(str(path))
+            digests.append(conformal.image_digest(image))  # the randomised sets' u: the same image, the same set
             if len(batch) == size:
                 flush()
         if batch:
@@ -308,7 +327,8 @@ def predict_files(predictor: Predictor, files, *, skipped=(), strict: bool = Fal
         positive = predictor.class_names.index(predictor.operating_point["positive_class"])
         flagged = probabilities[:, positive] >= predictor.operating_point["threshold"]
     images = np.stack(kept) if kept else np.zeros((0, 1, 1, 3), np.uint8)
-    result = Predictions(paths, logits, probabilities, flagged, skipped, images)
+    result = Predictions(paths, logits, probabilities, flagged, skipped, images,
+                         conformal.sets_for_stored(predictor.conformal, probabilities, digests))
     if predictor.ood is not None and paths:
         result.ood_scores, result.out_of_distribution = predictor.ood.score(np.concatenate(features), logits)
     return result
@@ -322,12 +342,16 @@ def _unreadable_message(skipped) -> str:
 
 def write_outputs(out: Path, predictor: Predictor, result: Predictions, ignored: int) -> dict:
     """predictions.csv and skipped.csv; returns the summary (the caller adds to it and writes summary.json)."""
+    from jaxmed.evaluate import conformal
+
     out.mkdir(parents=True, exist_ok=True)
     names, flagged = predictor.class_names, result.flagged
     header = ["path", "prediction", *(f"p_{name}" for name in names), *(["flagged"] if flagged is not None else []),
-              "temperature"]
+              "temperature", "prediction_set"]
+    sets = ([""] * len(result.paths) if result.prediction_sets is None
+            else conformal.set_labels(result.prediction_sets, names))
     rows = [[path, names[int(np.argmax(row))], *(f"{p:.6g}" for p in row),  # report.write_predictions' format
-             *([bool(flagged[index])] if flagged is not None else []), f"{predictor.temperature:g}"]
+             *([bool(flagged[index])] if flagged is not None else []), f"{predictor.temperature:g}", sets[index]]
             for index, (path, row) in enumerate(zip(result.paths, result.probabilities))]
     header, rows = _with_ood_columns(header, rows, result)
     _write_csv(out / "predictions.csv", header, rows)
@@ -340,6 +364,8 @@ def write_outputs(out: Path, predictor: Predictor, result: Predictions, ignored:
     if result.flagged is not None:
         summary.update(operating_point=predictor.operating_point, flagged=int(result.flagged.sum()))
     summary.update(_ood_summary(predictor, result))
+    if result.prediction_sets is not None:
+        summary["conformal"] = conformal.stored_summary(predictor.conformal, result.prediction_sets)
     if predictor.notes:
         summary["notes"] = predictor.notes
     return summary
@@ -451,9 +477,14 @@ def run(args) -> dict:
                                color=args.color, batch_size=args.batch_size or None)
     log.info("%d files to predict%s", len(files), f" ({ignored} non-image files in the folders ignored)"
              if ignored else "")
+    volume_count = sum(nifti.is_nifti_name(path.name) for path in files)
+    files = nifti.Volumes(predictor.volumes).expand(files)  # each NIfTI volume becomes its slices
     result = predict_files(predictor, files, skipped=skipped, strict=args.strict, keep_images=args.explain)
     out = Path(args.out).expanduser()
     summary = write_outputs(out, predictor, result, ignored)
+    if volume_count:  # each slice is a row of predictions.csv (path#axis=index); an unreadable volume one of skipped
+        summary["volumes"] = {"files": volume_count, "slices": sum(isinstance(entry, nifti.VolumeSlice)
+                                                                  for entry in files), **predictor.volumes.to_dict()}
     if args.explain:
         summary["explained"] = len(explain(predictor, result, out / "explain"))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

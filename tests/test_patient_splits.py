@@ -103,3 +103,38 @@ def test_a_pattern_that_matches_nothing_is_a_one_line_error_from_the_cli(tmp_pat
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "matches none of the" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_calibration_split_is_carved_from_train_by_patient_and_listed(tmp_path):
+    root = _kermany_folder(tmp_path / "data")
+    config = _config(tmp_path, root, "cache")
+    before = load_dataset(config, VIT)
+    config.calibration_fraction = 0.25
+    dataset = load_dataset(config, VIT)
+    assert dataset.directory != before.directory and "calibration" not in before.splits
+    groups = {name: set(split.groups) for name, split in dataset.splits.items()}
+    assert groups["calibration"] and not groups["calibration"] & (groups["train"] | groups["val"])
+    assert groups["val"] == set(before.splits["val"].groups)  # val is carved first, exactly as before
+    assert groups["train"] | groups["calibration"] == set(before.splits["train"].groups)
+    assert set(dataset.splits["calibration"].labels.tolist()) == {0, 1}  # stratified
+    assert dataset.splits["calibration"].model_ready  # evaluation-size images, like val and test
+    rows = [line.split(",") for line in dataset.splits_csv().splitlines()[1:]]
+    assert sum(row[1] == "calibration" for row in rows) == len(dataset.splits["calibration"])
+
+
+def test_calibration_split_without_groups_is_a_stratified_fraction_of_train():
+    from jaxmed.data.splits import plan
+
+    labels = np.repeat([0, 1, 2], [60, 30, 10])
+    origin = np.full(100, "train", dtype=object)
+    origin[::10] = "test"
+    rows = plan(origin, labels, np.ones(100, bool), val_fraction=0.2, seed=42, merge_train_val=False,
+                calibration_fraction=0.25)
+    assert sorted(np.concatenate(list(rows.values())).tolist()) == list(range(100))
+    assert len(rows["calibration"]) == round(0.25 * (90 - len(rows["val"])))
+    pool = np.concatenate([rows["train"], rows["calibration"]])  # what was left of train after val
+    share = np.bincount(labels[pool]) * len(rows["calibration"]) / len(pool)
+    assert np.abs(np.bincount(labels[rows["calibration"]]) - share).max() <= 1  # stratified
+    assert not set(rows["calibration"]) & (set(rows["val"]) | set(rows["train"]) | set(rows["test"]))
+    assert "calibration" not in plan(origin, labels, np.ones(100, bool), val_fraction=0.2, seed=42,
+                                     merge_train_val=False)

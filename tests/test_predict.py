@@ -51,6 +51,10 @@ def trained(tmp_path_factory):
     # T = 1 stored with the run, so --model (an HF directory carries no temperature) must give the same numbers;
     # fitted temperatures are applied in test_calibration_and_operating_point_files_are_applied
     config.eval.calibrate = False
+    # a held-out calibration split (~13 images) for the conformal sets: one threshold for all (Mondrian needs more
+    # images per class than this tiny set has), alpha 0.2 so that sets are not every class
+    config.data.calibration_fraction = 0.4
+    config.eval.conformal_mondrian, config.eval.conformal_alpha = False, 0.2
     workdir = base / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -58,8 +62,8 @@ def trained(tmp_path_factory):
     recorded = {}
     original = report.write_predictions
 
-    def recording(path, ids, labels, probabilities, class_names, **columns):  # the full-precision values behind
-        recorded[Path(path).parent.name] = dict(zip(ids, np.asarray(probabilities)))  # the CSV
+    def recording(path, ids, labels, probabilities, class_names, **columns):  # full-precision values behind the CSV
+        recorded[Path(path).parent.name] = dict(zip(ids, np.asarray(probabilities)))
         original(path, ids, labels, probabilities, class_names, **columns)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -218,6 +222,7 @@ def test_export_carries_temperature_operating_point_and_input_handling(trained, 
         assert json.loads((out / "operating_point.json").read_text())["threshold"] == threshold
         handling = json.loads((out / "jaxmed_input.json").read_text())
         assert handling["grayscale"] is True and handling["dicom_frame"] == -1 and best in handling["exported_from"]
+        assert (handling["volume_axis"], handling["volume_slices"], handling["volume_frame"]) == ("axial", "middle", 0)
         loaded = predict.load_predictor(model_dir=out)
         assert (loaded.temperature, loaded.grayscale, loaded.calibrated) == (2.5, True, True)
         colleague = predict.predict_files(loaded, files)
@@ -270,3 +275,56 @@ def test_module_entry_point_runs(exported, trained, tmp_path):
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
     assert summary["predicted"] == 1 and summary["model"] == str(exported)
     assert len(_rows(tmp_path / "predictions.csv")) == 1
+
+
+def test_conformal_sets_in_evaluation_predict_and_export(trained, tmp_path):
+    """eval/test gets the report section, the set-size figure and the prediction_set column; predict --workdir gives
+    the same sets on the same files (u comes from the pixels), and the exported --model the same sets again."""
+    workdir, test_folder, _ = trained
+    section = json.loads((workdir / "eval/test/report.json").read_text())["conformal"]
+    assert (section["method"], section["calibration_split"], section["approximate"]) == ("aps", "calibration", False)
+    assert section["calibration_images"] >= 10 and "calibration" in (workdir / "splits.csv").read_text()
+    evaluated = _rows(workdir / "eval/test/predictions.csv")
+    covered = [row["label"] in row["prediction_set"].split("|") for row in evaluated]
+    assert section["coverage"]["value"] == pytest.approx(np.mean(covered))
+    assert section["mean_set_size"] == pytest.approx(np.mean([len(row["prediction_set"].split("|"))
+                                                              if row["prediction_set"] else 0 for row in evaluated]))
+    assert (workdir / "eval/test/conformal_set_sizes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (workdir / "eval/test/report.html").read_text()
+    assert "Conformal prediction sets" in page and 'data-key="conformal.coverage.value"' in page
+
+    assert predict.main(["--workdir", str(workdir), str(test_folder), "--out", str(tmp_path / "run")]) == 0
+    from_run = [row["prediction_set"] for row in _rows(tmp_path / "run/predictions.csv")]
+    assert from_run == [row["prediction_set"] for row in evaluated]
+    assert len(set(from_run)) > 1  # sets of different sizes: not a degenerate comparison
+    out = export.export(workdir, tmp_path / "model")
+    assert json.loads((out / "conformal.json").read_text()) == json.loads((workdir / "conformal.json").read_text())
+    assert predict.main(["--model", str(out), str(test_folder), "--out", str(tmp_path / "model_out")]) == 0
+    assert [row["prediction_set"] for row in _rows(tmp_path / "model_out/predictions.csv")] == from_run
+    summary = json.loads((tmp_path / "model_out/summary.json").read_text())
+    assert summary["conformal"]["method"] == "aps" and "notes" not in summary
+    # thresholds fitted for the best checkpoint do not travel with another one
+    assert not (export.export(workdir, tmp_path / "latest", "latest") / "conformal.json").exists()
+
+
+def test_a_run_evaluated_before_conformal_sets_predicts_with_an_empty_column(trained, tmp_path, capsys):
+    workdir, test_folder, _ = trained
+    stored = workdir / "conformal.json"
+    fitted = stored.read_text()
+    try:
+        stored.unlink()
+        assert predict.main(["--workdir", str(workdir), str(test_folder), "--out", str(tmp_path / "old")]) == 0
+        rows = _rows(tmp_path / "old/predictions.csv")
+        assert len(rows) == 12 and {row["prediction_set"] for row in rows} == {""}
+        summary = json.loads((tmp_path / "old/summary.json").read_text())
+        assert "conformal" not in summary and len(summary["notes"]) == 1 and "no conformal.json" in summary["notes"][0]
+        assert "Traceback" not in capsys.readouterr().err
+        # thresholds fitted at another temperature are not applied to these probabilities
+        stored.write_text(json.dumps(json.loads(fitted) | {"temperature": 3.0}))
+        assert predict.main(["--workdir", str(workdir), str(test_folder), "--out", str(tmp_path / "t")]) == 0
+        assert {row["prediction_set"] for row in _rows(tmp_path / "t/predictions.csv")} == {""}
+        stored.write_text(json.dumps({"method": "aps", "thresholds": [0.5]}))
+        assert predict.main(["--workdir", str(workdir), str(test_folder), "--out", str(tmp_path / "bad")]) == 2
+        _one_error_line(capsys, "conformal.json", "re-run")
+    finally:
+        stored.write_text(fitted)

@@ -49,6 +49,8 @@ def directory_for(source: Source, config, preprocessor: Preprocessor) -> Path:
         "near_duplicate_threshold": config.near_duplicate_threshold, "dicom_frame": config.get("dicom_frame", -1),
         "group_pattern": config.get("group_pattern", ""), "strict": config.strict,
         "cv": [config.get("cv_fold", -1), config.get("cv_folds", 0)]}
+    if config.get("calibration_fraction", 0.0):  # only then: caches built before the key existed stay valid
+        settings["calibration_fraction"] = config.calibration_fraction
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     return Path(config.cache_dir).expanduser() / f"{config.format}-{key[:16]}"
 
@@ -84,8 +86,12 @@ def build(directory: Path, source: Source, config, preprocessor: Preprocessor) -
     if config.get("group_pattern", ""):
         names = [name for part in source.splits.values() for name in part.names()]
         items.groups = splits.patient_groups(names, config.group_pattern, strict=config.strict)
+    elif any(part.groups is not None for part in source.splits.values()):  # e.g. the slices of NIfTI volumes
+        items.groups = np.asarray([group for part in source.splits.values()
+                                   for group in (part.groups if part.groups is not None else part.names())], object)
     folds = config.get("cv_folds", 0)
     carving = config.val_fraction > 0 and ("val" not in source.splits or config.merge_train_val or folds)
+    carving = carving or config.get("calibration_fraction", 0.0) > 0  # the calibration split is carved from train
     merged = config.merge_train_val or bool(folds)
     becomes_train = (items.origin == "train") | ((items.origin == "val") & merged)
     needs_train = becomes_train
@@ -164,7 +170,8 @@ def _finish(temporary: Path, source: Source, items: _Items, decoded: _Decoded, c
     _check_classes(source, items, usable)
     rows = splits.plan(items.origin, items.labels, usable, val_fraction=config.val_fraction,
                        seed=config.split_seed, merge_train_val=config.merge_train_val, groups=items.groups,
-                       fold=config.get("cv_fold", -1), folds=config.get("cv_folds", 0))
+                       fold=config.get("cv_fold", -1), folds=config.get("cv_folds", 0),
+                       calibration_fraction=config.get("calibration_fraction", 0.0))
     report, leaked = leakage.check(rows, decoded.pixel_hashes, decoded.phashes, decoded.thumbnails, items.ids,
                                    config.near_duplicate_threshold)
     if items.groups is not None:

@@ -16,6 +16,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.strict = False  # True: unreadable files are an error instead of being skipped
     config.class_names = ()  # names for sources that carry none (npz); empty: class_0, class_1, ...
     config.val_fraction = 0.2  # carved from train (stratified) when the source has no val split
+    config.calibration_fraction = 0.0  # > 0: carve a "calibration" split from train (after val, stratified, by
+    #                                    patient with group_pattern) for conformal prediction sets; 0: they reuse val
     config.split_seed = 42
     config.group_pattern = ""  # regex; its first group is the patient id in each image's path relative to its split
     #                            folder: no patient on both sides of a carved split, shared patients reported
@@ -30,6 +32,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.num_workers = 0  # grain worker processes; 0 = in-process (threads)
     config.decode_threads = 0  # threads decoding files into the cache; 0 = one per core
     config.dicom_frame = -1  # multi-frame DICOM: which frame; -1 = the middle one
+    config.mask_root = ""  # lesion masks (PNG) at the images' paths relative to data.root: explanation localisation
+    # NIfTI volumes (.nii, .nii.gz) become 2-D slices (data/nifti.py), each slice id `path#axis=index`:
+    config.volume_axis = "axial"  # axial | sagittal | coronal, in the canonical (RAS+) orientation
+    config.volume_slices = ml_collections.FieldReference("middle", field_type=object)  # "middle" | "all" | an
+    #                      integer k: k evenly spaced slices within the volume's non-empty extent
+    config.volume_frame = 0  # 4-D volumes: which frame (time point / volume index)
 
     config.synthetic = ml_collections.ConfigDict()
     config.synthetic.size = 96

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from jaxmed.data import dicom
+from jaxmed.data import dicom, nifti
 from jaxmed.errors import UnreadableImage  # noqa: F401 (re-exported: callers catch decode.UnreadableImage)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
@@ -26,7 +26,8 @@ def is_junk(name: str) -> bool:
 
 
 def is_image_name(name: str) -> bool:
-    return not is_junk(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES
+    """An image file's name, or a NIfTI volume's (.nii, .nii.gz: sources expand those into slices, nifti.py)."""
+    return not is_junk(name) and (Path(name).suffix.lower() in IMAGE_SUFFIXES or nifti.is_nifti_name(name))
 
 
 def is_image_file(path: str | Path) -> bool:

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from jaxmed.data import decode, synthetic
+from jaxmed.data import decode, nifti, synthetic
 from jaxmed.errors import JaxmedError
 
 # Folder / split names users' datasets use for each of our splits (compared case-insensitively).
@@ -36,6 +36,8 @@ class SourceSplit:
     read: Callable[[int], Image.Image | np.ndarray]  # raises on unreadable data
     where: str = ""  # for messages: the folder or name of this split
     root: str = ""  # the folder file ids are relative to, for data.group_pattern; empty: ids are matched as they are
+    groups: list[str] | None = None  # patient id of each item when the source knows it (the slices of a volume are
+    #                                  one patient); data.group_pattern, when set, decides instead
 
     def names(self) -> list[str]:
         """Each image's name as data.group_pattern sees it: its path relative to the split folder, or its id."""
@@ -72,26 +74,38 @@ def imagefolder(config) -> Source:
         raise JaxmedError(f"no class folders under {folders['train']} — expected one folder per class; "
                           f"{download_hint(config)}")
     class_names = sorted(train_classes)
-    splits, stats = {}, []
+    volumes = nifti.Volumes(nifti.VolumeSettings.from_config(config))
+    splits, stats, volume_files = {}, [], 0
     for split, folder in folders.items():
         classes = _class_folders(folder)
         unknown = sorted(set(classes) - set(class_names))
         if unknown:
             raise JaxmedError(f"{folder} has classes {unknown} that {folders['train']} does not have "
                               f"({class_names}); rename or remove them")
-        paths, labels = [], []
+        entries, labels = [], []
         for name in sorted(classes):
             files = _image_files(classes[name])
             if not files:
                 raise JaxmedError(f"no images under {classes[name]} (class {name!r} of {split}) — an empty class "
                                   "cannot be learnt or evaluated; remove the folder or add its images")
-            paths += files
-            labels += [class_names.index(name)] * len(files)
+            expanded = volumes.expand(files)  # a NIfTI volume becomes its slices (or one unreadable item)
+            entries += expanded
+            labels += [class_names.index(name)] * len(expanded)
             stats += [(str(path.relative_to(root)), *_stat(path)) for path in files]
-        splits[split] = SourceSplit([str(path) for path in paths], np.asarray(labels, np.int64),
-                                    _file_reader(paths, config.get("dicom_frame", -1)), str(folder),
+            volume_files += sum(nifti.is_nifti_name(path.name) for path in files)
+        splits[split] = SourceSplit([str(entry) for entry in entries], np.asarray(labels, np.int64),
+                                    _file_reader(entries, config.get("dicom_frame", -1), volumes), str(folder),
                                     str(folder))
-    return Source(f"imagefolder {root}", class_names, splits, {"root": str(root.resolve()), "files": _digest(stats)})
+        # all slices of a volume are one patient (its path), so carved splits and folds keep volumes whole
+        splits[split].groups = [os.path.relpath(getattr(entry, "path", entry), folder).replace(os.sep, "/")
+                                for entry in entries]
+    identity = {"root": str(root.resolve()), "files": _digest(stats)}
+    if volume_files:
+        identity["volumes"] = volumes.settings.to_dict()  # other slices are other images: another cache
+    else:  # plain images keep today's splits (scikit-learn's train_test_split, no groups)
+        for part in splits.values():
+            part.groups = None
+    return Source(f"imagefolder {root}", class_names, splits, identity)
 
 
 def find_split_folders(root: Path, config) -> dict[str, Path]:
@@ -138,8 +152,14 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _file_reader(paths: list[Path], dicom_frame: int = -1) -> Callable[[int], Image.Image]:
-    return lambda index: decode.open_image(paths[index], dicom_frame=dicom_frame)
+def _file_reader(entries: list, dicom_frame: int = -1, volumes: nifti.Volumes | None = None) -> Callable:
+    """Image files through decode.open_image; the slices of NIfTI volumes (nifti.Volumes.expand) through nifti."""
+    def read(index: int):
+        entry = entries[index]
+        if isinstance(entry, (nifti.VolumeSlice, nifti.UnreadableVolume)):
+            return volumes.read(entry)
+        return decode.open_image(entry, dicom_frame=dicom_frame)
+    return read
 
 
 def _stat(path: Path) -> tuple[int, int]:

@@ -48,8 +48,8 @@ def patient_groups(names: list[str], pattern: str, *, strict: bool) -> np.ndarra
     return np.asarray(groups, dtype=object)
 
 
-def carve_validation(labels: np.ndarray, fraction: float, seed: int,
-                     groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def carve_validation(labels: np.ndarray, fraction: float, seed: int, groups: np.ndarray | None = None, *,
+                     key: str = "data.val_fraction") -> tuple[np.ndarray, np.ndarray]:
     """Positions (train, val) into `labels`, in scikit-learn's order: the same call the reference makes. With
     groups, StratifiedGroupKFold's first of round(1 / fraction) folds: stratified, and no group on both sides."""
     from sklearn.model_selection import StratifiedGroupKFold, train_test_split  # 2 s to import: only when building
@@ -60,11 +60,11 @@ def carve_validation(labels: np.ndarray, fraction: float, seed: int,
         folds = max(2, round(1 / fraction))
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
         train, val = next(splitter.split(np.zeros(len(labels)), labels, groups))
-        log.info("validation carved by patient: %d of %d images (%d patients of %d), 1 of %d stratified group folds",
-                 len(val), len(labels), len(set(groups[val])), len(set(groups)), folds)
+        log.info("%s carved by patient: %d of %d images (%d patients of %d), 1 of %d stratified group folds",
+                 key, len(val), len(labels), len(set(groups[val])), len(set(groups)), folds)
         return train, val
     except ValueError as error:
-        raise JaxmedError(f"cannot carve a stratified validation split (data.val_fraction={fraction}) from "
+        raise JaxmedError(f"cannot carve a stratified held-out split ({key}={fraction}) from "
                           f"{len(labels)} training images: {error}") from None
 
 
@@ -85,12 +85,14 @@ def fold_membership(labels: np.ndarray, folds: int, seed: int, groups: np.ndarra
 
 def plan(origin: np.ndarray, labels: np.ndarray, usable: np.ndarray, *, val_fraction: float, seed: int,
          merge_train_val: bool, groups: np.ndarray | None = None, fold: int = -1,
-         folds: int = 0) -> dict[str, np.ndarray]:
+         folds: int = 0, calibration_fraction: float = 0.0) -> dict[str, np.ndarray]:
     """Rows of each split, as indices into the source's items; `origin` names each item's source split.
 
     The source's own val split is kept unless merge_train_val (the Kermany protocol: its val has 16 images);
     without a val split, val_fraction of train is carved off (none if val_fraction is 0). A cross-validation fold
     (`fold` of `folds`) merges train and val, holds fold `fold` out as its test split, and carves val from the rest.
+    calibration_fraction > 0 then carves a "calibration" split from what is left of train, as val is carved: held
+    out images that choose nothing (no checkpoint, no temperature), for conformal prediction sets.
     """
     rows = {split: np.flatnonzero((origin == split) & usable) for split in SPLITS}
     if (merge_train_val or folds) and len(rows["val"]):
@@ -103,6 +105,11 @@ def plan(origin: np.ndarray, labels: np.ndarray, usable: np.ndarray, *, val_frac
         pool = rows["train"]
         train, val = carve_validation(labels[pool], val_fraction, seed, None if groups is None else groups[pool])
         rows["train"], rows["val"] = pool[train], pool[val]
+    if calibration_fraction > 0:
+        pool = rows["train"]
+        train, held_out = carve_validation(labels[pool], calibration_fraction, seed,
+                                           None if groups is None else groups[pool], key="data.calibration_fraction")
+        rows["train"], rows["calibration"] = pool[train], pool[held_out]
     return {split: split_rows for split, split_rows in rows.items() if len(split_rows)}
 
 

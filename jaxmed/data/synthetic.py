@@ -22,18 +22,26 @@ _SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
 
 def generate(split: str, per_class: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """→ images uint8 (N, size, size), labels int32 (N,), planes int32 (N,) for N = 4 * per_class, class-sorted."""
+    images, labels, planes, _ = generate_with_masks(split, per_class, size, seed)
+    return images, labels, planes
+
+
+def generate_with_masks(split: str, per_class: int, size: int, seed: int):
+    """`generate` plus each image's lesion mask, bool (N, size, size): where the drawn mass is over half its own
+    intensity (glioma: the mass, not the oedema around it); empty for no_tumor. The images are the same."""
     labels = np.repeat(np.arange(len(CLASS_NAMES), dtype=np.int32), per_class)
     images = np.empty((len(labels), size, size), np.uint8)
+    masks = np.zeros((len(labels), size, size), bool)
     planes = np.empty(len(labels), np.int32)
     chunk_size = max(16, 2**22 // size**2)  # bounds memory; a function of size, so images stay deterministic
     for chunk, start in enumerate(range(0, len(labels), chunk_size)):
         rng = np.random.default_rng([seed, _SPLIT_CODES.get(split, 9), chunk])
         stop = min(start + chunk_size, len(labels))
-        images[start:stop], planes[start:stop] = _phantoms(rng, labels[start:stop], size)
-    return images, labels, planes
+        images[start:stop], planes[start:stop], masks[start:stop] = _phantoms(rng, labels[start:stop], size)
+    return images, labels, planes, masks
 
 
-def _phantoms(rng: np.random.Generator, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _phantoms(rng: np.random.Generator, labels: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     count = len(labels)
     plane = rng.integers(0, 3, count)
     grid = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
@@ -76,9 +84,11 @@ def _phantoms(rng: np.random.Generator, labels: np.ndarray, size: int) -> tuple[
         image = image + present * blob * (0.85 - image)
 
     texture = _smooth_noise(rng, count, size, cells=7)
+    lesion = np.zeros(image.shape, bool)
     for label, add_tumour in ((0, _add_glioma), (1, _add_meningioma), (3, _add_pituitary)):
         rows = np.flatnonzero(labels == label)
-        image[rows] = add_tumour(rng, image[rows], u[rows], v[rows], texture[rows], sella[rows])
+        image[rows], mass = add_tumour(rng, image[rows], u[rows], v[rows], texture[rows], sella[rows])
+        lesion[rows] = mass > 0.5
 
     # Acquisition: bias field, contrast curve, gain, blur, Rician noise.
     image = image * (1 + _uniform(rng, count, -0.15, 0.15) * x + _uniform(rng, count, -0.15, 0.15) * y)
@@ -87,7 +97,7 @@ def _phantoms(rng: np.random.Generator, labels: np.ndarray, size: int) -> tuple[
     sigma = _uniform(rng, count, 0.015, 0.06)
     noise = rng.standard_normal((2,) + image.shape, dtype=np.float32) * sigma
     image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)
-    return np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), plane.astype(np.int32)
+    return np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8), plane.astype(np.int32), lesion
 
 
 # Plane-specific anatomy: each takes the rows of that plane and returns them with the sella position (u, v).
@@ -147,7 +157,7 @@ def _add_glioma(rng, image, u, v, texture, sella):
     value = _uniform(rng, count, 0.15, 0.4) + 0.12 * texture  # hypointense, heterogeneous
     image = image - 0.12 * oedema
     image = image + mass * (value - image)
-    return image + necrosis * (0.12 - image)
+    return image + necrosis * (0.12 - image), mass
 
 
 def _add_meningioma(rng, image, u, v, texture, sella):
@@ -161,7 +171,7 @@ def _add_meningioma(rng, image, u, v, texture, sella):
     mass = _sigmoid((radius - distance) / 0.012)  # sharp margin
     value = _uniform(rng, count, 0.75, 0.95) + 0.03 * texture  # homogeneous, bright
     image = np.where(cleft, 0.2, image)  # CSF cleft around the mass
-    return image + mass * (value - image)
+    return image + mass * (value - image), mass
 
 
 def _add_pituitary(rng, image, u, v, texture, sella):
@@ -174,7 +184,7 @@ def _add_pituitary(rng, image, u, v, texture, sella):
     distance = np.where(snowman, np.minimum(distance, upper), distance)
     mass = _sigmoid((radius - distance) / 0.015)
     value = _uniform(rng, count, 0.75, 0.95) + 0.04 * texture
-    return image + mass * (value - image)
+    return image + mass * (value - image), mass
 
 
 def _uniform(rng, count, low, high):

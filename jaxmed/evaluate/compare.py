@@ -50,6 +50,7 @@ class RunPredictions:
     probabilities: np.ndarray  # (N, classes), as recorded in predictions.csv
     class_names: list[str]
     training: dict | None  # W/train_summary.json's parameters, train_seconds, images_per_second; None if absent
+    conformal: dict | None = None  # coverage and mean set size from W/eval/<split>/report.json; None if absent
 
 
 def compare(workdirs, out, *, split: str = "test", names=None, resamples: int = 1000, seed: int = 0) -> dict:
@@ -114,7 +115,7 @@ def load_run(workdir: Path, split: str, name: str) -> RunPredictions:
                           f"python -m jaxmed.evaluate --workdir {workdir} --split {split} makes them")
     ids, labels, probabilities, class_names = _read(path)
     return RunPredictions(name, workdir, ids, labels, probabilities, class_names,
-                          _training_summary(workdir / "train_summary.json"))
+                          _training_summary(workdir / "train_summary.json"), _conformal_summary(path.parent))
 
 
 def align(runs: list[RunPredictions]) -> list[RunPredictions]:
@@ -162,7 +163,7 @@ def score(runs: list[RunPredictions], *, split: str, resamples: int, seed: int) 
     for run in runs:
         table.append({"name": run.name, "workdir": str(run.workdir),
                       "metrics": run_metrics(labels, run.probabilities, class_names, resamples=resamples, seed=seed),
-                      "training": run.training})
+                      "training": run.training, "conformal": run.conformal})
     pairs = [compare_pair(a, b, resamples=resamples, seed=seed) for a, b in itertools.combinations(runs, 2)]
     return {"split": split, "num_examples": int(len(labels)), "class_names": list(class_names),
             "bootstrap": {"resamples": int(resamples), "seed": int(seed)}, "runs": table, "pairs": pairs}
@@ -304,6 +305,7 @@ def markdown(comparison: dict) -> str:
     for key, label in (("parameters", "parameters"), ("train_seconds", "train time"),
                        ("images_per_second", "train images / s")):
         lines.append(f"| {label} | " + " | ".join(_training(run["training"], key) for run in runs) + " |")
+    lines += _conformal_rows(runs)
     lines += ["", "## Paired differences A − B (percentage points, paired-bootstrap 95% interval)", "",
               "| A − B | " + " | ".join(label for _, label in _paired_labels(names))
               + " | McNemar (only A right / only B right) |" + (" DeLong |" if binary else ""),
@@ -340,7 +342,7 @@ def _read(path: Path):
         header = next(csv.reader(handle), [])
     # p_<class> columns follow the prediction; later columns (ood_score, …) are read by whoever needs them
     if header[:3] != ["id", "label", "prediction"] or len(header) < 5 or \
-            not all(column.startswith("p_") for column in header[3:5]):
+            not all(column.startswith("p_") for column in header[3:5]):  # later: prediction_set, …
         raise JaxmedError(f"{path} is not a predictions file written by jaxmed.evaluate (expected the columns id, "
                           f"label, prediction, p_<class>…; got {', '.join(header[:6]) or 'nothing'})")
     try:
@@ -360,6 +362,30 @@ def _read(path: Path):
     if not np.isfinite(probabilities).all():
         raise JaxmedError(f"{path} has probabilities that are not finite numbers")
     return ids, labels, probabilities, class_names
+
+
+def _conformal_summary(eval_dir: Path) -> dict | None:
+    """The conformal section of the run's report.json on this split (coverage, mean set size); None if absent."""
+    try:
+        section = json.loads((eval_dir / "report.json").read_text()).get("conformal")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(section, dict) or not isinstance(section.get("coverage"), dict):
+        return None
+    return {"method": section.get("method"), "alpha": section.get("alpha"), "mondrian": section.get("mondrian"),
+            "calibration_split": section.get("calibration_split"), "coverage": section["coverage"],
+            "mean_set_size": section.get("mean_set_size")}
+
+
+def _conformal_rows(runs: list[dict]) -> list[str]:
+    """Each run's conformal coverage and mean set size (each run's own alpha and method), beside its accuracy."""
+    if not any(run.get("conformal") for run in runs):
+        return []
+    cells = [(run.get("conformal") or {}) for run in runs]
+    return ["| conformal coverage | " + " | ".join(
+                f"{_with_interval(c['coverage'])} ({c['method']}, α = {c['alpha']:g})" if c else "n/a"
+                for c in cells) + " |",
+            "| mean set size | " + " | ".join(f"{c['mean_set_size']:.2f}" if c else "n/a" for c in cells) + " |"]
 
 
 def _training_summary(path: Path) -> dict | None:

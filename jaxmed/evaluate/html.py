@@ -48,6 +48,10 @@ _CAPTIONS = {
     "attention_rollout.png": "Attention rollout",
     "gradcam_predicted_class.png": "Grad-CAM of the predicted class",
     "differences.png": "Paired differences with 95% intervals",
+    "conformal_set_sizes.png": "Conformal prediction set sizes",
+    "stress_heatmap.png": "Balanced accuracy drop per corruption and severity",
+    "stress_curves.png": "Balanced accuracy against severity, one curve per corruption",
+    "stress_examples.png": "One image under every corruption and severity",
 }
 _HEADLINE = (("accuracy", "accuracy", "ci95.accuracy"), ("balanced accuracy", "balanced_accuracy", None),
              ("Cohen's κ", "cohen_kappa", None), ("macro F1", "macro.f1", "ci95.f1_macro"),
@@ -71,10 +75,12 @@ def write_report_html(eval_dir, report: dict, *, config=None, title: str | None 
     body = [intro, *_classification_sections(values, figures),
             _section("Operating point", _operating_point(values)),
             _section("Out-of-distribution detection", _ood(values)),
+            _section("Conformal prediction sets", _conformal(values) + figures.take("conformal_set_sizes.png")),
             _section("Training curves", figures.take("training_curves.png")),
             _section("Misclassified images",
                      _misclassified(eval_dir / "predictions.csv") + figures.take("predictions_grid.png")),
-            _section("Explanations", figures.take("attention_rollout.png", "gradcam_predicted_class.png")),
+            _section("Explanations", _explanation_checks(values) +
+                     figures.take("attention_rollout.png", "gradcam_predicted_class.png")),
             _section("Other figures", figures.rest()),
             _section("Configuration", _json_details("config.json", _plain(config)) if config is not None else "")]
     return _write(eval_dir / "report.html", title, body)
@@ -120,6 +126,10 @@ def write_comparison_html(out_dir, comparison: dict) -> Path:
         for key in ("parameters", "train_seconds", "images_per_second"):
             rows.append([_escape(key.replace("_", " ")),
                          *(values(("runs", i, "training", key)) for i in range(len(runs)))])
+    if any(run.get("conformal") for run in runs):  # each run's own alpha and method, beside its accuracy
+        rows.append(["conformal coverage", *(values.with_interval(("runs", i, "conformal", "coverage"))
+                                             for i in range(len(runs)))])
+        rows.append(["mean set size", *(values(("runs", i, "conformal", "mean_set_size")) for i in range(len(runs)))])
     runs_table = _table(["", *(run.get("name", f"run {i}") for i, run in enumerate(runs))], rows) if runs else ""
     pairs, verdicts = comparison.get("pairs", []), []
     differences = [key for key, entry in (pairs[0].get("paired_bootstrap", {}) if pairs else {}).items()
@@ -142,6 +152,56 @@ def write_comparison_html(out_dir, comparison: dict) -> Path:
                      if verdicts else ""),
             _section("Figures", figures.take("roc_curves.png", "differences.png") + figures.rest())]
     return _write(out_dir / "comparison.html", title, body)
+
+
+def write_stress_html(out_dir, records: list[dict], summary: dict) -> Path:
+    """out_dir/stress.html: the MedMNIST-C summary, every corruption × severity's numbers, the figures."""
+    out_dir = Path(out_dir)
+    values, figures = _Values({"records": records, "summary": summary}), _Figures(out_dir)
+    title = f"Stress test: {summary.get('split')}, {summary.get('checkpoint')} ({summary.get('images')} images)"
+    intro = _paragraph(f"Artefacts applied to the {summary.get('applied_to')}; {summary.get('temperature_note')}. "
+                       "BE = 1 − balanced accuracy; rBE = BE − BE clean, averaged over severities (MedMNIST-C's rBE "
+                       "before its division by a reference model's).")
+    headline = _table(["", "value"], [[_escape(label), values(("summary", key))] for label, key in
+                                      (("BE clean", "BE_clean"), ("mBE", "mBE"), ("mrBE", "mrBE"))])
+    per = _table(["corruption", "BE", "rBE"], [[_escape(name), values(("summary", "corruptions", name, "BE")),
+                                                values(("summary", "corruptions", name, "rBE"))]
+                                               for name in summary.get("corruptions", {})])
+    rows = []
+    for i, record in enumerate(records):
+        cells = [_escape(record["corruption"]), values(("records", i, "severity"))]
+        keys = ("accuracy", "balanced_accuracy", "macro_auc", "ece_15") + (
+            ("conformal_coverage", "mean_set_size") if "conformal_coverage" in records[0] else ())
+        cells += ([_escape(f"failed: {record['error']}")] + [""] * (len(keys) - 1) if "error" in record else
+                  [values(("records", i, key)) for key in keys])
+        rows.append(cells)
+    table = _table(["corruption", "severity", "accuracy", "balanced accuracy", "macro AUC", "ECE",
+                    *(("conformal coverage", "mean set size") if "conformal_coverage" in records[0] else ())], rows)
+    body = [intro, _section("Summary", headline + per), _section("Figures", figures.take(
+        "stress_heatmap.png", "stress_curves.png") + figures.take("stress_examples.png")),
+        _section("Every corruption and severity", table)]
+    return _write(out_dir / "stress.html", title, body)
+
+
+def _explanation_checks(values: _Values) -> str:
+    methods = values.get(("explanations", "methods"), None)
+    if not methods:
+        return ""
+    rows, verdicts = [], []
+    for name in methods:
+        base = ("explanations", "methods", name)
+        rows.append([_escape(name.replace("_", " ")),
+                     f"{values(base + ('deletion', 'auc'))} vs {values(base + ('deletion', 'random_auc'))}",
+                     f"{values(base + ('insertion', 'auc'))} vs {values(base + ('insertion', 'random_auc'))}",
+                     values(base + ("randomisation", "stages",
+                                    len(values.get(base + ("randomisation", "stages"), [])) - 1, "spearman")),
+                     (f"{values(base + ('localisation', 'pointing_game'))} (chance "
+                      f"{values(base + ('localisation', 'pointing_chance'))})"
+                      if values.get(base + ("localisation", "pointing_game"), None) is not None else "n/a")])
+        verdicts.append(values.get(base + ("verdict",), ""))
+    return (_table(["method", "deletion AUC (lower better) vs random", "insertion AUC (higher better) vs random",
+                    "Spearman ρ, all weights re-initialised", "pointing game"], rows)
+            + "".join(_paragraph(v) for v in verdicts if v))
 
 
 # ---------------------------------------------------------------------------------------------------------- sections
@@ -231,6 +291,25 @@ def _ood(values: _Values) -> str:
             + _paragraph(f"Self-check: {check.get('what')}"))
 
 
+def _conformal(values: _Values) -> str:
+    section = values.child("conformal")
+    if not isinstance(section.tree, dict):
+        return ""
+    if "skipped" in section.tree:
+        return _paragraph(f"Not fitted: {section.tree['skipped']}")
+    kind = "class-conditional (Mondrian)" if section.tree.get("mondrian") else "marginal"
+    text = _paragraph(f"{_escape(str(section.get('method')).upper())}, {kind}, α = {section('alpha')}, calibrated on "
+                      f"{_escape(section.get('calibration_split'))} ({section('calibration_images')} images). "
+                      f"{_escape(section.get('guarantee'))}", escaped=True)
+    rows = [["coverage", section.with_interval("coverage")], ["mean set size", section("mean_set_size")],
+            ["singleton rate", section("singleton_rate")], ["empty rate", section("empty_rate")]]
+    per_class = [[_escape(name), section.with_interval(("coverage_per_class", name)),
+                  section(("coverage_per_class", name, "count"))]
+                 for name in section.get("coverage_per_class", {}) or {}]
+    return (text + _table(["metric", "value (95% Wilson CI)"], rows)
+            + _table(["class", "coverage (95% Wilson CI)", "images"], per_class))
+
+
 def _misclassified(predictions_csv: Path) -> str:
     """The first MISCLASSIFIED_ROWS rows of predictions.csv whose prediction is wrong, with every probability."""
     if not predictions_csv.exists():
@@ -249,7 +328,8 @@ def _misclassified(predictions_csv: Path) -> str:
     shown = f"the first {len(cells)}" if len(wrong) > len(cells) else "all"
     text = _paragraph(f"{len(wrong)} of {len(rows)} images misclassified; {shown} listed (predictions.csv has every "
                       "image).")
-    headers = ["id", "true", "predicted", *(f"P({column.removeprefix('p_')})" for column in probability_columns)]
+    headers = ["id", "true", "predicted", *(f"P({column.removeprefix('p_')})" if column.startswith("p_") else column
+                                            for column in probability_columns)]  # then prediction_set, …
     return text + (_table(headers, cells, row_class="mistake") if cells else "")
 
 

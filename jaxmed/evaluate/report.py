@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxmed import train
 from jaxmed.config import load_run_config
-from jaxmed.evaluate import calibration, figures, html, metrics, ood
+from jaxmed.evaluate import calibration, conformal, figures, html, metrics, ood
 from jaxmed.errors import JaxmedError
 
 log = logging.getLogger("jaxmed.evaluate")
@@ -64,18 +64,25 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
     if ec.positive_class:
         report["operating_point"] = _operating_point(run, probabilities, labels, probs, split_name)
     report["ood"], fitted_ood, ood_columns = ood.fit_on_run(run, params, stats, flat, split_name, source)
+    report["conformal"], conformal_fit, sets = _conformal(run, probabilities, split, indices, labels, probs)
     if jax.process_index() == 0:
         out = run.workdir / "eval" / split_name
+        checks = _explanations(run, out, split, indices, labels, flat)
+        if checks:
+            report["explanations"] = checks
         write_report(out, report)
         write_predictions(out / "predictions.csv", [split.ids[i] for i in indices], labels, probs, names,
+                          prediction_sets=None if sets is None else conformal.set_labels(sets, names),
                           extra_columns=_ood_columns(ood_columns, len(indices)))
         if which == "best":  # what predict applies belongs to the model it uses by default
             _store_with_run(run.workdir, report, source)
+            _store_conformal(run.workdir, conformal_fit, source, temperature)
             _store_ood_with_run(run.workdir, fitted_ood)
+        if sets is not None:
+            conformal.set_size_histogram(report["conformal"]["set_size_counts"], out / "conformal_set_sizes.png")
         _figures(run, out, split, indices, labels, probs, report["confusion_matrix"])
         calibration.reliability_diagram(labels, uncalibrated, out / "reliability_diagram.png",
                                         probabilities_after=probs if fitted_on else None)
-        _explanations(run, out, split, indices, labels, flat)
         html.write_report_html(out, report, config=json.loads(run.config.to_json_best_effort()))
         log.info("%s: accuracy %.4f, ECE %.4f → %.4f at T = %.3f (%s) → %s", split_name, report["accuracy"],
                  report["calibration"]["before"]["ece_15"], report["calibration"]["after"]["ece_15"], temperature,
@@ -109,6 +116,31 @@ def _ood_columns(columns: dict, count: int) -> dict:
         return {"ood_score": [""] * count, "out_of_distribution": [""] * count}
     return {"ood_score": [f"{score:.9g}" for score in columns["ood_score"]],
             "out_of_distribution": ["true" if flag else "false" for flag in columns["out_of_distribution"]]}
+
+
+def _conformal(run, probabilities, split, indices, labels, probs) -> tuple[dict, dict | None, np.ndarray | None]:
+    """Prediction sets fitted on the calibration split (else val, approximately) and measured on `split`."""
+    ec, splits = run.config.eval, run.dataset.splits
+    if ec.conformal_method not in conformal.METHODS:
+        raise JaxmedError(f"eval.conformal_method={ec.conformal_method!r} is not one of {', '.join(conformal.METHODS)}")
+    if not 0 < ec.conformal_alpha < 1:
+        raise JaxmedError(f"eval.conformal_alpha={ec.conformal_alpha} must be in (0, 1), e.g. 0.05 for 95% sets")
+    held_out = next((name for name in ("calibration", "val") if name in splits), None)
+    if held_out is None:
+        return {"skipped": "no calibration or val split: set data.calibration_fraction > 0"}, None, None
+    calibration_indices, calibration_probs = probabilities(splits[held_out])
+    return conformal.evaluate(
+        (calibration_probs, splits[held_out].labels[calibration_indices], splits[held_out].images, calibration_indices),
+        (probs, labels, split.images, indices), run.dataset.class_names, method=ec.conformal_method,
+        alpha=ec.conformal_alpha, mondrian=ec.conformal_mondrian, seed=ec.seed, calibration_split=held_out,
+        evaluated_split=split.name)
+
+
+def _store_conformal(workdir, fitted: dict | None, source: str, temperature: float) -> None:
+    """W/conformal.json: the thresholds `jaxmed.predict` applies, for this checkpoint's calibrated probabilities."""
+    if fitted is not None:
+        (workdir / "conformal.json").write_text(json.dumps(
+            fitted | {"checkpoint": source, "temperature": temperature}, indent=1) + "\n")
 
 
 def _operating_point(run, probabilities, labels, probs, split_name: str) -> dict:
@@ -181,6 +213,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {when} | {row['ece_15']:.4f} | {row['ece_adaptive_15']:.4f} | {row['mce']:.4f} | "
                          f"{row['brier']:.4f} | {row['nll']:.4f} |")
     lines += _ood_markdown(report.get("ood"))
+    lines += _conformal_markdown(report.get("conformal"))
     lines += ["", "Confusion matrix (rows true, columns predicted): see confusion_matrix.png; every prediction is in "
               "predictions.csv.", ""]
     return "\n".join(lines)
@@ -203,21 +236,44 @@ def _ood_markdown(section) -> list[str]:
     return lines
 
 
+def _conformal_markdown(section: dict | None) -> list[str]:
+    if not section or "skipped" in section:
+        return ["", f"## Conformal prediction sets: not fitted ({section['skipped']})"] if section else []
+
+    def rate(row):
+        low_high = f" (95% CI {row['ci95'][0]:.4f}–{row['ci95'][1]:.4f})" if row["ci95"] else ""
+        return f"{format_number(row['value'])}{low_high}"
+
+    kind = "class-conditional (Mondrian)" if section["mondrian"] else "marginal"
+    lines = ["", f"## Conformal prediction sets: {section['method'].upper()}, {kind}, alpha = {section['alpha']:g}, "
+             f"calibrated on {section['calibration_split']} ({section['calibration_images']} images)", "",
+             section["guarantee"], "", f"- coverage: {rate(section['coverage'])}",
+             f"- mean set size: {format_number(section['mean_set_size'])}; singletons "
+             f"{format_number(section['singleton_rate'])}, empty {format_number(section['empty_rate'])}", "",
+             "| class | coverage (95% Wilson CI) | images |", "|---|---|---|"]
+    lines += [f"| {name} | {rate(row)} | {row['count']} |" for name, row in section["coverage_per_class"].items()]
+    return lines
+
+
 def format_number(value) -> str:
     """A metric for tables: 4 decimals, or n/a where it is undefined (None)."""
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def write_predictions(path, ids, labels, probabilities, class_names, extra_columns: dict | None = None) -> None:
-    """One row per image: id (file or source id), true and predicted class, the probability of each class, then
-    `extra_columns` ({header: one text cell per image}, e.g. ood_score)."""
+def write_predictions(path, ids, labels, probabilities, class_names, *, prediction_sets=None,
+                      extra_columns: dict | None = None) -> None:
+    """One row per image: id (file or source id), true and predicted class, the probability of each class, the
+    conformal prediction set (class names joined by '|') when given, then `extra_columns` ({header: one text cell
+    per image}, e.g. ood_score)."""
     extra_columns = extra_columns or {}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["id", "label", "prediction", *(f"p_{name}" for name in class_names), *extra_columns])
-    for position, (image_id, label, row) in enumerate(zip(ids, labels, probabilities)):
+    sets = ["prediction_set"] if prediction_sets is not None else []
+    writer.writerow(["id", "label", "prediction", *(f"p_{name}" for name in class_names), *sets, *extra_columns])
+    for index, (image_id, label, row) in enumerate(zip(ids, labels, probabilities)):
         writer.writerow([image_id, class_names[label], class_names[int(np.argmax(row))],
-                         *(f"{p:.6g}" for p in row), *(cells[position] for cells in extra_columns.values())])
+                         *(f"{p:.6g}" for p in row), *([prediction_sets[index]] if sets else []),
+                         *(cells[index] for cells in extra_columns.values())])
     path.write_text(buffer.getvalue())
 
 
@@ -227,11 +283,11 @@ def read_predictions(path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]
         reader = csv.reader(handle)
         header = next(reader)
         rows = list(reader)
-    columns = [position for position, column in enumerate(header) if position >= 3 and column.startswith("p_")]
-    names = [header[position][2:] for position in columns]  # later columns (ood_score, …) are not probabilities
+    columns = [index for index, column in enumerate(header) if index >= 3 and column.startswith("p_")]
+    names = [header[index][2:] for index in columns]  # later columns (prediction_set, …) are not probabilities
     ids = [row[0] for row in rows]
     labels = np.asarray([names.index(row[1]) for row in rows], np.int64)
-    probabilities = np.asarray([[float(row[position]) for position in columns] for row in rows],
+    probabilities = np.asarray([[float(row[index]) for index in columns] for row in rows],
                                np.float64).reshape(-1, len(names))
     return ids, labels, probabilities, names
 
@@ -258,8 +314,9 @@ def _grid_sample(labels, predictions, count: int) -> np.ndarray:
     return np.sort(np.concatenate([take_wrong, np.asarray(take_right, int)]).astype(int))
 
 
-def _explanations(run, out, split, indices, labels, flat: dict) -> None:
-    """Attention rollout (ViT, CvT) and Grad-CAM (ResNet, EfficientNet, CvT, ViT) for a few images per class.
+def _explanations(run, out, split, indices, labels, flat: dict) -> dict | None:
+    """Attention rollout (ViT, CvT) and Grad-CAM (ResNet, EfficientNet, CvT, ViT) for a few images per class, and
+    the checks of those explanations (eval/<split>/explanations.json; → its summary for the report).
 
     Runs on this host alone (process 0 writes the figures): a model from the checkpoint's host copy of the weights,
     so no collective is needed that the other hosts would have to join.
@@ -272,7 +329,7 @@ def _explanations(run, out, split, indices, labels, flat: dict) -> None:
 
     per_class = run.config.eval.explain_per_class
     if not per_class or run.spec.hf_config.model_type not in explain.EXPLAINED:
-        return
+        return None
 
     def local(name):
         return jax.tree_util.tree_map_with_path(lambda path, _: jax.numpy.asarray(flat[optim.dotted(path)]),
@@ -282,8 +339,37 @@ def _explanations(run, out, split, indices, labels, flat: dict) -> None:
     model = nnx.merge(run.graph_eval, local("params"), local("stats"), rest)
     chosen = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(run.dataset.class_names))])
     images = np.asarray(split.images[indices[chosen]])
+    out.mkdir(parents=True, exist_ok=True)
     explain.explanation_figures(model, images, jdata.model_inputs(images, run.preprocessor), labels[chosen],
                                 run.dataset.class_names, out, per_class=per_class)
+    return _explanation_checks(run, out, split, indices, labels, model)
+
+
+def _explanation_checks(run, out, split, indices, labels, model) -> dict | None:
+    """Deletion/insertion against random maps, model randomisation, and localisation where masks exist, on a seeded
+    class-stratified sample of `eval.explain_check_images` images."""
+    from jaxmed.data import masks as jmasks
+    from jaxmed.evaluate import explain, explain_checks
+
+    ec = run.config.eval
+    if ec.explain_check_images <= 0:
+        return None
+    rng = np.random.default_rng(ec.seed)
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in range(len(run.dataset.class_names))]
+    chosen = np.sort(np.asarray([group[i] for i in range(len(labels)) for group in by_class if i < len(group)][
+        :ec.explain_check_images], int))
+    images = np.asarray(split.images[indices[chosen]])
+    lesions = jmasks.lesion_masks(run.config.data, [split.ids[i] for i in indices[chosen]], run.preprocessor,
+                                  images.shape[1:3])
+    maps_of = {"grad_cam": explain.grad_cam}
+    if run.spec.hf_config.model_type in ("vit", "cvt"):
+        maps_of["attention_rollout"] = explain.attention_rollout
+    result = explain_checks.check(model, images, run.preprocessor.normalize, labels[chosen], lesions,
+                                  run.dataset.class_names, maps_of=maps_of, seed=ec.seed, bootstrap=ec.bootstrap)
+    (out / "explanations.json").write_text(json.dumps(result, indent=1) + "\n")
+    for name, entry in result["methods"].items():
+        log.info("explanation check, %s: %s", name, entry["verdict"])
+    return result
 
 
 def evaluate_workdir(workdir, split: str = "test", which: str = "best") -> dict:

@@ -100,7 +100,7 @@ def train(config, workdir, run: Run | None = None) -> dict:
         phase, start = 0, 0
         state = init_state(run, phase)
     total = run.phase_steps[-1]
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, config)
     tx, lr = optimizer(run, phase, state["params"])
     train_step = make_train_step(run, tx, class_weights, run.phases[phase])
     eval_step = make_eval_step(run)
@@ -155,6 +155,7 @@ def train(config, workdir, run: Run | None = None) -> dict:
                     checkpoints.save_latest(step, state, iterator, dict(meta, step=step), force=True)
                 checkpoints.close()
                 bar.close()
+                writer.close()  # trackers flushed and finished: the resumed run continues them
                 _write_summary(run, session, step)
                 print(f"preempted at step {step}: saved {workdir}/checkpoints/{step}; run the same command "
                       "again to resume", flush=True)

@@ -1,4 +1,5 @@
-"""Where training numbers go: TensorBoard events and metrics.jsonl in the workdir, and a tqdm progress bar."""
+"""Where training numbers go: metrics.jsonl in the workdir, the trackers of `train.trackers` (TensorBoard by default;
+Weights & Biases, MLflow: trackers.py) at the same steps, and a tqdm progress bar."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import jax
 from etils import epath
 from tqdm.auto import tqdm
 
+from jaxmed.config import base_config
+from jaxmed.train import trackers
+
 
 class MetricsWriter:
     """Process 0 writes; the others keep quiet so a multi-host run has one set of files.
@@ -16,13 +20,13 @@ class MetricsWriter:
     whole, keeping what an earlier (resumed) run wrote.
     """
 
-    def __init__(self, workdir, *, append: bool | None = None):
+    def __init__(self, workdir, config=None, *, append: bool | None = None):
         self.active = jax.process_index() == 0
         if self.active:
-            from tensorboardX import SummaryWriter
-
             workdir = epath.Path(workdir)
-            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+            # the experiment's tracker session (trackers.session) when there is one, so evaluation logs to it too
+            self.trackers, self.owns_trackers = trackers.for_run(workdir, config if config is not None
+                                                                 else base_config())
             self.path = workdir / "metrics.jsonl"
             self.remote = "://" in str(workdir) if append is None else not append
             if self.remote:
@@ -33,8 +37,7 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
             return
-        for key, value in metrics.items():
-            self.tensorboard.add_scalar(key, value, step)
+        self.trackers.log(step, metrics)
         line = json.dumps({"step": step, **metrics}) + "\n"
         if self.remote:
             self.lines.append(line)
@@ -45,7 +48,8 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.active:
-            self.tensorboard.close()
+            if self.owns_trackers:
+                self.trackers.close()
             if not self.remote:
                 self.jsonl.close()
 
