@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.target_recall = 0.99
     config.eval.bootstrap = 1000  # resamples for the 95% confidence intervals; 0 disables
     config.eval.seed = 0
+    config.eval.ood_method = ""  # energy | mahalanobis | rmds | vim | knn; empty: the architecture's default
+    #                              (jaxmed/evaluate/ood.py DEFAULT_METHOD); every detector is reported either way
+    config.eval.ood_keep = 0.95  # fraction of val images kept as in distribution: sets the OOD threshold
     config.eval.conformal_method = "aps"  # prediction sets: lac | aps (randomised, seeded by eval.seed) | raps
     config.eval.conformal_mondrian = True  # a threshold per class (class-conditional coverage); False: one for all
     config.eval.conformal_alpha = 0.05  # sets hold the true class with probability >= 1 - alpha; calibrated on the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jaxmed import train
-from jaxmed.evaluate import report
+from jaxmed.evaluate import ood, report
 from jaxmed.train import trackers
 from jaxmed.train.checkpoint import Checkpoints
 
@@ -13,6 +13,7 @@ def train_and_evaluate(config, workdir) -> dict:
 
     → {"steps", "history", "test": report} or {"preempted_at": step}.
     """
+    ood.check_config(config.eval)  # evaluation fits the OOD detectors after training: a bad key fails now
     with trackers.session(workdir, config) as tracked:  # one tracker session for training and evaluation
         return _train_and_evaluate(config, workdir, tracked)
 

@@ -8,8 +8,9 @@ same weights always give the same bytes. The stacked autoencoder's directory is 
 
 For `python -m jaxmed.predict --model DIR`, DIR also gets what a colleague without the run needs to predict as the
 run does: jaxmed_input.json (the run's data.grayscale and data.dicom_frame) and, when evaluation stored them for the
-exported checkpoint, the run's calibration.json (temperature), operating_point.json and conformal.json (the
-prediction sets' thresholds). transformers ignores them.
+exported checkpoint, the run's calibration.json (temperature), operating_point.json conformal.json (the
+prediction sets' thresholds) and ood/ (the out-of-distribution detectors and threshold). transformers
+ignores them.
 """
 
 from __future__ import annotations
@@ -80,8 +81,26 @@ def export(workdir, out, which: str = "best"):
             log.warning("%s is for %s, not the exported %s: not copied", stored, value.get("checkpoint"), source)
             continue
         (path / name).write_text(json.dumps(value, indent=1) + "\n")
+    _copy_ood_detectors(directory, path, source)
     log.info("exported %s (%s, %d classes) to %s", source, model.config.model_type, model.config.num_labels, path)
     return path
+
+
+def _copy_ood_detectors(workdir, out, source: str) -> None:
+    """W/ood → DIR/ood when evaluation fitted it for the exported checkpoint (as calibration.json)."""
+    import shutil
+
+    from jaxmed.evaluate import ood
+
+    shutil.rmtree(out / "ood", ignore_errors=True)  # a previous export's, into the same DIR
+    fitted = ood.load(workdir / "ood")
+    if fitted is None:
+        return
+    if fitted.meta.get("checkpoint") != source:
+        log.warning("%s is for %s, not the exported %s: not copied", workdir / "ood", fitted.meta.get("checkpoint"),
+                    source)
+        return
+    shutil.copytree(workdir / "ood", out / "ood")
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,9 @@ calibration.json next to the model ({"temperature": T}; else T = 1), and rows ar
 p_<positive_class> >= threshold from operating_point.json ({"positive_class": name, "threshold": t}); evaluation
 writes both for the checkpoint it evaluated, and a file naming another checkpoint is not applied (summary: notes).
 jaxmed.export copies both into HF_DIR with jaxmed_input.json (the run's data.grayscale and data.dicom_frame), so
---model predicts as --workdir does.
+--model predicts as --workdir does. Rows also get ood_score and out_of_distribution (true/false) from the OOD
+detectors evaluation fitted for the checkpoint (W/ood, HF_DIR/ood), with a warning when more than a quarter of the
+inputs are out of distribution; without them (a run evaluated before jaxmed had them) both are empty.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Predictor:
     notes: list[str]  # what the summary should tell: files next to the model that were not applied
     conformal: dict | None = None  # conformal.json's thresholds for this model's calibrated probabilities
     volumes: nifti.VolumeSettings = nifti.VolumeSettings()  # how NIfTI inputs become slices: the run's data.volume_*
+    ood: object = None  # jaxmed.evaluate.ood.Fitted from W/ood (HF_DIR/ood), or None: OOD columns left empty
 
 
 def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", color: bool = False,
@@ -105,7 +108,26 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
     return Predictor(model, names, preprocessor, grayscale, frame, temperature, stored[0] is not None,
                      _operating_point(stored[1], directory / "operating_point.json", names), origin,
                      batch_size or DEFAULT_BATCH_SIZE, notes,
-                     conformal.read_stored(directory, source, temperature, names, notes), volumes)
+                     conformal.read_stored(directory, source, temperature, names, notes), volumes,
+                     _ood_detectors(directory, source, notes))
+
+
+def _ood_detectors(directory: Path, source: str | None, notes: list[str]):
+    """The OOD detectors evaluation fitted for this checkpoint (W/ood, or ood/ in an export); None, with a note,
+    for a run evaluated before jaxmed had them or one whose detectors belong to another checkpoint."""
+    from jaxmed.evaluate import ood
+
+    fitted = ood.load(directory / "ood")
+    fitted_for = None if fitted is None else fitted.meta.get("checkpoint")
+    if fitted is None:
+        notes.append(f"no OOD detectors in {directory / 'ood'} (evaluated before jaxmed fitted them): ood_score and "
+                     "out_of_distribution are empty; run python -m jaxmed.evaluate on the run to fit them")
+    elif source is not None and fitted_for != source:
+        notes.append(f"ood/ is for {fitted_for}, not {source}: not applied (ood_score and out_of_distribution empty)")
+        fitted = None
+    if fitted is None:
+        log.warning("%s", notes[-1])
+    return fitted
 
 
 def _exported_input(directory: Path, color: bool) -> tuple[bool, int]:
@@ -240,13 +262,13 @@ def _forward(predictor: Predictor):
     batch, replicated = jmesh.batch_sharding(mesh), jmesh.replicated(mesh)
     state = jax.device_put(state, replicated)
 
-    def logits(state, images):
-        model = nnx.merge(graphdef, state)
-        return model(predictor.preprocessor.normalize(images)).astype(jnp.float32)
+    def logits_and_features(state, images):  # features: the pooled representation the OOD detectors read
+        output = nnx.merge(graphdef, state).forward(predictor.preprocessor.normalize(images))
+        return output.logits.astype(jnp.float32), output.features.astype(jnp.float32)
 
-    step = jax.jit(logits, in_shardings=(replicated, batch), out_shardings=replicated)
+    step = jax.jit(logits_and_features, in_shardings=(replicated, batch), out_shardings=(replicated, replicated))
     log.info("batches of %d on %d of %d devices", predictor.batch_size, devices, jax.device_count())
-    return lambda images: np.asarray(step(state, jax.device_put(images, batch)))
+    return lambda images: tuple(map(np.asarray, step(state, jax.device_put(images, batch))))
 
 
 @dataclasses.dataclass
@@ -258,6 +280,8 @@ class Predictions:
     skipped: list[tuple[str, str]]
     images: np.ndarray  # uint8 model-size images of the first `keep_images` rows (for --explain)
     prediction_sets: np.ndarray | None = None  # (N, classes) bool, conformal sets; None without conformal.json
+    ood_scores: np.ndarray | None = None  # (N,) the stored detector's score (higher: less like the training data)
+    out_of_distribution: np.ndarray | None = None  # (N,) bool, score above the threshold set on val
 
 
 def predict_files(predictor: Predictor, files, *, skipped=(), strict: bool = False, keep_images: int = 0):
@@ -267,13 +291,14 @@ def predict_files(predictor: Predictor, files, *, skipped=(), strict: bool = Fal
     from jaxmed.evaluate import conformal
 
     size = predictor.batch_size
-    skipped, paths, logits, kept, digests = list(skipped), [], [], [], []
+    skipped, paths, logits, features, kept, digests = list(skipped), [], [], [], [], []
     forward, batch, batch_paths = _forward(predictor), [], []
 
     def flush():
         count = len(batch)
         padded = np.stack(batch + [np.zeros_like(batch[0])] * (size - count))  # one shape: one compilation
-        logits.append(forward(padded)[:count])
+        batch_logits, batch_features = forward(padded)
+        logits.append(batch_logits[:count]), features.append(batch_features[:count])
         paths.extend(batch_paths)
         batch.clear(), batch_paths.clear()
 
@@ -302,8 +327,11 @@ def predict_files(predictor: Predictor, files, *, skipped=(), strict: bool = Fal
         positive = predictor.class_names.index(predictor.operating_point["positive_class"])
         flagged = probabilities[:, positive] >= predictor.operating_point["threshold"]
     images = np.stack(kept) if kept else np.zeros((0, 1, 1, 3), np.uint8)
-    return Predictions(paths, logits, probabilities, flagged, skipped, images,
-                       conformal.sets_for_stored(predictor.conformal, probabilities, digests))
+    result = Predictions(paths, logits, probabilities, flagged, skipped, images,
+                         conformal.sets_for_stored(predictor.conformal, probabilities, digests))
+    if predictor.ood is not None and paths:
+        result.ood_scores, result.out_of_distribution = predictor.ood.score(np.concatenate(features), logits)
+    return result
 
 
 def _unreadable_message(skipped) -> str:
@@ -325,6 +353,7 @@ def write_outputs(out: Path, predictor: Predictor, result: Predictions, ignored:
     rows = [[path, names[int(np.argmax(row))], *(f"{p:.6g}" for p in row),  # report.write_predictions' format
              *([bool(flagged[index])] if flagged is not None else []), f"{predictor.temperature:g}", sets[index]]
             for index, (path, row) in enumerate(zip(result.paths, result.probabilities))]
+    header, rows = _with_ood_columns(header, rows, result)
     _write_csv(out / "predictions.csv", header, rows)
     _write_csv(out / "skipped.csv", ["path", "reason"], result.skipped)
     summary = {"predicted": len(result.paths), "skipped": len(result.skipped), "ignored_non_images": ignored,
@@ -334,10 +363,38 @@ def write_outputs(out: Path, predictor: Predictor, result: Predictions, ignored:
                **predictor.origin, "class_names": names, "out": str(out)}
     if result.flagged is not None:
         summary.update(operating_point=predictor.operating_point, flagged=int(result.flagged.sum()))
+    summary.update(_ood_summary(predictor, result))
     if result.prediction_sets is not None:
         summary["conformal"] = conformal.stored_summary(predictor.conformal, result.prediction_sets)
     if predictor.notes:
         summary["notes"] = predictor.notes
+    return summary
+
+
+OOD_WARNING = "most of these images do not look like the training data: is this the right model?"
+OOD_WARNING_ABOVE = 0.25  # fraction of inputs out of distribution
+
+
+def _with_ood_columns(header: list, rows: list, result: Predictions) -> tuple[list, list]:
+    """ood_score (as evaluate's predictions.csv prints it) and out_of_distribution (true/false); empty cells when
+    the model has no detectors."""
+    if result.ood_scores is None:
+        return header + ["ood_score", "out_of_distribution"], [row + ["", ""] for row in rows]
+    return header + ["ood_score", "out_of_distribution"], [
+        row + [f"{score:.9g}", "true" if flag else "false"]
+        for row, score, flag in zip(rows, result.ood_scores, result.out_of_distribution)]
+
+
+def _ood_summary(predictor: Predictor, result: Predictions) -> dict:
+    """How many inputs are out of distribution, by which detector; the warning when that is most of them."""
+    if predictor.ood is None:
+        return {"out_of_distribution": None}
+    fitted, count = predictor.ood, int(np.sum(result.out_of_distribution)) if result.paths else 0
+    summary = {"out_of_distribution": count, "ood": {"method": fitted.method, "threshold": fitted.thresholds[
+        fitted.method], "keep": fitted.meta.get("keep"), "fitted_for": fitted.meta.get("checkpoint")}}
+    if result.paths and count > OOD_WARNING_ABOVE * len(result.paths):
+        summary["warning"] = f"{count} of {len(result.paths)} inputs are out of distribution: {OOD_WARNING}"
+        log.warning("%s", summary["warning"])
     return summary
 
 

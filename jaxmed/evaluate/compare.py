@@ -340,6 +340,7 @@ def _read(path: Path):
     """predictions.csv → ids, labels, probabilities, class names; a damaged file is named, not a traceback."""
     with open(path, newline="") as handle:
         header = next(csv.reader(handle), [])
+    # p_<class> columns follow the prediction; later columns (ood_score, …) are read by whoever needs them
     if header[:3] != ["id", "label", "prediction"] or len(header) < 5 or \
             not all(column.startswith("p_") for column in header[3:5]):  # later: prediction_set, …
         raise JaxmedError(f"{path} is not a predictions file written by jaxmed.evaluate (expected the columns id, "

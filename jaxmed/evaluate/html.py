@@ -74,6 +74,7 @@ def write_report_html(eval_dir, report: dict, *, config=None, title: str | None 
                        f"{', '.join(map(str, report.get('class_names', [])))}")
     body = [intro, *_classification_sections(values, figures),
             _section("Operating point", _operating_point(values)),
+            _section("Out-of-distribution detection", _ood(values)),
             _section("Conformal prediction sets", _conformal(values) + figures.take("conformal_set_sizes.png")),
             _section("Training curves", figures.take("training_curves.png")),
             _section("Misclassified images",
@@ -272,6 +273,24 @@ def _operating_point(values: _Values) -> str:
     return text + _table(["split", "sensitivity", "specificity", "precision", "flagged"], rows)
 
 
+def _ood(values: _Values) -> str:
+    section = values.child("ood")
+    if not isinstance(section.tree, dict):
+        return ""
+    if "skipped" in section.tree:
+        return _paragraph(section.tree["skipped"])
+    text = _paragraph(f"Method {_escape(section.get('method'))} ({_escape(section.get('method_chosen_by'))}); "
+                      f"threshold {section('threshold')}, set so {section('keep')} of val counts as in distribution. "
+                      f"Flagged on this split: {section('flag_rate.flagged')} of {section('flag_rate.num_examples')} "
+                      f"({section('flag_rate.rate')}, 95% Wilson CI {section.interval('flag_rate.ci95')}).",
+                      escaped=True)
+    check = section.child("self_check")
+    rows = [[_escape(name), section(("flag_rate_per_detector", name, "rate")), check(("auroc", name))]
+            for name in (check.get("auroc") or {})]
+    return (text + _table(["detector", "flag rate here", "self-check AUROC"], rows)
+            + _paragraph(f"Self-check: {check.get('what')}"))
+
+
 def _conformal(values: _Values) -> str:
     section = values.child("conformal")
     if not isinstance(section.tree, dict):
@@ -301,8 +320,10 @@ def _misclassified(predictions_csv: Path) -> str:
         return ""
     header, rows = rows[0], rows[1:]
     wrong = [row for row in rows if len(row) >= 3 and row[1] != row[2]]
-    probability_columns = header[3:]
-    cells = [[_escape(row[0]), _escape(row[1]), _escape(row[2]), *(_format_text(value) for value in row[3:])]
+    shown_columns = [position for position in range(3, len(header)) if header[position].startswith("p_")]
+    probability_columns = [header[position] for position in shown_columns]
+    cells = [[_escape(row[0]), _escape(row[1]), _escape(row[2]), *(_format_text(row[position]) for position in
+                                                                   shown_columns)]
              for row in wrong[:MISCLASSIFIED_ROWS]]
     shown = f"the first {len(cells)}" if len(wrong) > len(cells) else "all"
     text = _paragraph(f"{len(wrong)} of {len(rows)} images misclassified; {shown} listed (predictions.csv has every "

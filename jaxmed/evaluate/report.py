@@ -5,6 +5,7 @@
 Also run at the end of training. Metrics come with bootstrap confidence intervals, and — when `eval.positive_class`
 is set — an operating point: the threshold chosen on val to reach `eval.target_recall` for that class, then
 applied to the evaluated split (the clinical question "at what threshold do we miss almost no pneumonia?").
+Every evaluation also fits the out-of-distribution detectors (ood.py) on the checkpoint it evaluates.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from jaxmed import train
 from jaxmed.config import load_run_config
-from jaxmed.evaluate import calibration, conformal, figures, html, metrics
+from jaxmed.evaluate import calibration, conformal, figures, html, metrics, ood
 from jaxmed.errors import JaxmedError
 
 log = logging.getLogger("jaxmed.evaluate")
@@ -62,6 +63,7 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
                              "after": calibration.calibration_metrics(labels, probs)}
     if ec.positive_class:
         report["operating_point"] = _operating_point(run, probabilities, labels, probs, split_name)
+    report["ood"], fitted_ood, ood_columns = ood.fit_on_run(run, params, stats, flat, split_name, source)
     report["conformal"], conformal_fit, sets = _conformal(run, probabilities, split, indices, labels, probs)
     if jax.process_index() == 0:
         out = run.workdir / "eval" / split_name
@@ -70,10 +72,12 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
             report["explanations"] = checks
         write_report(out, report)
         write_predictions(out / "predictions.csv", [split.ids[i] for i in indices], labels, probs, names,
-                          prediction_sets=None if sets is None else conformal.set_labels(sets, names))
+                          prediction_sets=None if sets is None else conformal.set_labels(sets, names),
+                          extra_columns=_ood_columns(ood_columns, len(indices)))
         if which == "best":  # what predict applies belongs to the model it uses by default
             _store_with_run(run.workdir, report, source)
             _store_conformal(run.workdir, conformal_fit, source, temperature)
+            _store_ood_with_run(run.workdir, fitted_ood)
         if sets is not None:
             conformal.set_size_histogram(report["conformal"]["set_size_counts"], out / "conformal_set_sizes.png")
         _figures(run, out, split, indices, labels, probs, report["confusion_matrix"])
@@ -96,6 +100,22 @@ def _store_with_run(workdir, report: dict, source: str) -> None:
         (workdir / "operating_point.json").write_text(json.dumps(
             {key: chosen[key] for key in ("positive_class", "threshold", "target_recall", "chosen_on")}
             | {"checkpoint": source, "temperature": point["temperature"]}, indent=1) + "\n")
+
+
+def _store_ood_with_run(workdir, fitted) -> None:
+    """W/ood/: the detectors and thresholds `jaxmed.predict` applies; a run without val gets none (old ones go)."""
+    if fitted is None:
+        ood.remove(workdir / "ood")
+    else:
+        ood.save(workdir / "ood", fitted)
+
+
+def _ood_columns(columns: dict, count: int) -> dict:
+    """predictions.csv's ood_score and out_of_distribution (true/false); empty cells where nothing was fitted."""
+    if not columns:
+        return {"ood_score": [""] * count, "out_of_distribution": [""] * count}
+    return {"ood_score": [f"{score:.9g}" for score in columns["ood_score"]],
+            "out_of_distribution": ["true" if flag else "false" for flag in columns["out_of_distribution"]]}
 
 
 def _conformal(run, probabilities, split, indices, labels, probs) -> tuple[dict, dict | None, np.ndarray | None]:
@@ -192,10 +212,28 @@ def markdown(report: dict) -> str:
             row = calibrated[when]
             lines.append(f"| {when} | {row['ece_15']:.4f} | {row['ece_adaptive_15']:.4f} | {row['mce']:.4f} | "
                          f"{row['brier']:.4f} | {row['nll']:.4f} |")
+    lines += _ood_markdown(report.get("ood"))
     lines += _conformal_markdown(report.get("conformal"))
     lines += ["", "Confusion matrix (rows true, columns predicted): see confusion_matrix.png; every prediction is in "
               "predictions.csv.", ""]
     return "\n".join(lines)
+
+
+def _ood_markdown(section) -> list[str]:
+    if not section:
+        return []
+    if "skipped" in section:
+        return ["", f"## Out-of-distribution detection: {section['skipped']}"]
+    rate = section["flag_rate"]
+    lines = ["", f"## Out-of-distribution detection: {section['method']} ({section['method_chosen_by']})", "",
+             f"Threshold {section['threshold']:.6g}: {section['keep']:.0%} of val kept as in distribution. Flagged "
+             f"on this split: {rate['flagged']} of {rate['num_examples']} ({rate['rate']:.4f}, 95% Wilson CI "
+             f"{rate['ci95'][0]:.4f}–{rate['ci95'][1]:.4f}).", "",
+             f"Self-check: {section['self_check']['what']}", "",
+             "| detector | flagged here | self-check AUROC |", "|---|---|---|"]
+    for name, auroc in section["self_check"]["auroc"].items():
+        lines.append(f"| {name} | {section['flag_rate_per_detector'][name]['rate']:.4f} | {auroc:.4f} |")
+    return lines
 
 
 def _conformal_markdown(section: dict | None) -> list[str]:
@@ -222,16 +260,20 @@ def format_number(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def write_predictions(path, ids, labels, probabilities, class_names, *, prediction_sets=None) -> None:
-    """One row per image: id (file or source id), true and predicted class, the probability of each class, and the
-    conformal prediction set (class names joined by '|') when given."""
+def write_predictions(path, ids, labels, probabilities, class_names, *, prediction_sets=None,
+                      extra_columns: dict | None = None) -> None:
+    """One row per image: id (file or source id), true and predicted class, the probability of each class, the
+    conformal prediction set (class names joined by '|') when given, then `extra_columns` ({header: one text cell
+    per image}, e.g. ood_score)."""
+    extra_columns = extra_columns or {}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     sets = ["prediction_set"] if prediction_sets is not None else []
-    writer.writerow(["id", "label", "prediction", *(f"p_{name}" for name in class_names), *sets])
+    writer.writerow(["id", "label", "prediction", *(f"p_{name}" for name in class_names), *sets, *extra_columns])
     for index, (image_id, label, row) in enumerate(zip(ids, labels, probabilities)):
         writer.writerow([image_id, class_names[label], class_names[int(np.argmax(row))],
-                         *(f"{p:.6g}" for p in row), *([prediction_sets[index]] if sets else [])])
+                         *(f"{p:.6g}" for p in row), *([prediction_sets[index]] if sets else []),
+                         *(cells[index] for cells in extra_columns.values())])
     path.write_text(buffer.getvalue())
 
 

@@ -27,6 +27,7 @@ class Output(NamedTuple):
     logits: jax.Array
     hidden_states: tuple | None = None  # every stage's output grid (B, H, W, C), like HF (which is NCHW)
     attentions: tuple | None = None  # per layer over all stages (B, heads, queries, keys); HF does not return these
+    features: jax.Array | None = None  # the pooled representation the classifier reads (OOD detection)
 
 
 def _init(config: CvtConfig):
@@ -333,7 +334,7 @@ class CvT(nnx.Module):
         pooled = jnp.mean(self.layernorm(tokens), axis=1)
         logits = self.classifier(pooled) if self.classifier is not None else pooled
         return Output(logits, tuple(hidden) if output_hidden_states else None,
-                      tuple(attentions) if output_attentions else None)
+                      tuple(attentions) if output_attentions else None, pooled)
 
     def __call__(self, pixels, **kwargs):
         return self.forward(pixels, **kwargs).logits

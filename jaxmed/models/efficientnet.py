@@ -24,6 +24,7 @@ class Output(NamedTuple):
     logits: jax.Array
     hidden_states: tuple | None = None  # stem output and every block's output (NHWC), like HF
     attentions: None = None
+    features: jax.Array | None = None  # the pooled representation the classifier reads (OOD detection)
 
 
 # The original EfficientNet's conv init; HF's N(0, 0.02) is only a placeholder for converted weights.
@@ -206,7 +207,7 @@ class EfficientNet(nnx.Module):
         pooled = jnp.max(x, axis=(1, 2)) if self.config.pooling_type == "max" else jnp.mean(x, axis=(1, 2))
         pooled = self.dropout(pooled)
         logits = self.classifier(pooled) if self.classifier is not None else pooled
-        return Output(logits, tuple(hidden) if output_hidden_states else None)
+        return Output(logits, tuple(hidden) if output_hidden_states else None, features=pooled)
 
     def __call__(self, pixels, **kwargs):
         return self.forward(pixels, **kwargs).logits

@@ -17,6 +17,7 @@ class Output(NamedTuple):
     logits: jax.Array
     hidden_states: tuple | None = None  # stem output and every stage's output (NHWC), like HF
     attentions: None = None
+    features: jax.Array | None = None  # the pooled representation the classifier reads (OOD detection)
 
 
 # HF initialises convolutions with kaiming_normal(fan_out, relu).
@@ -140,8 +141,9 @@ class ResNet(nnx.Module):
         for stage in self.resnet.encoder.stages:
             x = stage(x)
             hidden.append(x)
-        logits = self.classifier(jnp.mean(x, axis=(1, 2)))
-        return Output(logits, tuple(hidden) if output_hidden_states else None)
+        pooled = jnp.mean(x, axis=(1, 2))
+        logits = self.classifier(pooled)
+        return Output(logits, tuple(hidden) if output_hidden_states else None, features=pooled)
 
     def __call__(self, pixels, **kwargs):
         return self.forward(pixels, **kwargs).logits

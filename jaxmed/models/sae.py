@@ -57,6 +57,7 @@ class Output(NamedTuple):
     logits: jax.Array
     hidden_states: tuple | None = None  # the flattened input, then every encoder's code
     attentions: None = None  # an SAE has none; kept so callers treat every model alike
+    features: jax.Array | None = None  # the pooled representation the classifier reads (OOD detection)
 
 
 def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -111,7 +112,7 @@ class SAE(nnx.Module):
         for encoder in self.encoders:
             x = self.dropout(self.act(encoder(x)))
             hidden.append(x)
-        return Output(self.classifier(x), tuple(hidden) if output_hidden_states else None)
+        return Output(self.classifier(x), tuple(hidden) if output_hidden_states else None, features=x)
 
     def __call__(self, pixels, **kwargs):
         return self.forward(pixels, **kwargs).logits

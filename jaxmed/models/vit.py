@@ -17,6 +17,7 @@ class Output(NamedTuple):
     logits: jax.Array
     hidden_states: tuple | None = None  # embeddings + every layer's output, like HF
     attentions: tuple | None = None  # per layer (B, heads, tokens, tokens)
+    features: jax.Array | None = None  # the pooled representation the classifier reads (OOD detection)
 
 
 def _linear(din, dout, config, rngs, dtype, use_bias=True):
@@ -185,7 +186,7 @@ class ViT(nnx.Module):
         x = self.vit.layernorm(x)
         logits = self.classifier(x[:, 0])
         return Output(logits, tuple(hidden) if output_hidden_states else None,
-                      tuple(attentions) if output_attentions else None)
+                      tuple(attentions) if output_attentions else None, x[:, 0])
 
     def __call__(self, pixels, **kwargs):
         return self.forward(pixels, **kwargs).logits

@@ -254,6 +254,39 @@ def predict(run: Run, eval_step, params, stats, split) -> tuple[np.ndarray, np.n
     return indices[order], logits[order]
 
 
+def make_features_step(run: Run):
+    """eval_step's logits with the pooled features the classifier reads: what the OOD detectors are fitted on."""
+    graph, rest = run.graph_eval, run.rest
+
+    def features_step(params, stats, images):
+        output = nnx.merge(graph, params, stats, rest).forward(jdata.model_inputs(images, run.preprocessor))
+        return output.features.astype(jnp.float32), output.logits.astype(jnp.float32)
+
+    replicated = jmesh.replicated(run.mesh)
+    return jax.jit(features_step, in_shardings=(run.shardings["params"], run.shardings["stats"],
+                                                jmesh.batch_sharding(run.mesh)),
+                   out_shardings=(replicated, replicated))
+
+
+def predict_features(run: Run, features_step, params, stats, split) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices, features, logits) of every example of `split`, each once, in index order (as `predict`)."""
+    sharding = jmesh.batch_sharding(run.mesh)
+    indices, features, logits = [], [], []
+    for batch in jdata.eval_batches(split, run.preprocessor, batch_size=run.config.train.eval_batch_size,
+                                    process_index=jax.process_index(), process_count=jax.process_count()):
+        images = jax.make_array_from_process_local_data(sharding, batch["image"])
+        index = jax.make_array_from_process_local_data(sharding, batch["index"])
+        batch_features, batch_logits = features_step(params, stats, images)
+        gathered = np.asarray(jax.jit(lambda x: x, out_shardings=jmesh.replicated(run.mesh))(index))
+        keep = gathered >= 0
+        indices.append(gathered[keep])
+        features.append(np.asarray(batch_features)[keep])
+        logits.append(np.asarray(batch_logits)[keep])
+    indices = np.concatenate(indices)
+    order = np.argsort(indices)
+    return indices[order], np.concatenate(features)[order], np.concatenate(logits)[order]
+
+
 def place_weights(run: Run, flat: dict) -> tuple:
     """{dotted path: array} (a checkpoint's host copy) → the run's (params, stats) states, each leaf on its shards."""
     def state(name):
