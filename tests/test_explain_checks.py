@@ -204,6 +204,7 @@ def test_stress_severity_zero_is_the_evaluation_and_noise_hurts(trained_demo):
     records = json.loads((trained_demo / "stress/test/stress.json").read_text())
     report = json.loads((trained_demo / "eval/test/report.json").read_text())
     clean = records[0]
+    noisiest = next(r for r in records if r["corruption"] == "gaussian_noise" and r["severity"] == 5)
     assert (clean["corruption"], clean["severity"]) == ("none", 0)
     assert clean["accuracy"] == report["accuracy"] and clean["balanced_accuracy"] == report["balanced_accuracy"]
     assert clean["macro_auc"] == report["roc_auc"]["macro"]
@@ -211,7 +212,9 @@ def test_stress_severity_zero_is_the_evaluation_and_noise_hurts(trained_demo):
     # the run's conformal sets, as the evaluation measured them on the same clean images
     assert clean["conformal_coverage"] == report["conformal"]["coverage"]["value"]
     assert clean["mean_set_size"] == report["conformal"]["mean_set_size"]
-    noisiest = next(r for r in records if r["corruption"] == "gaussian_noise" and r["severity"] == 5)
+    # and its OOD detectors: the clean split's flag rate is the evaluation's; heavy noise is flagged more often
+    assert clean["ood_flag_rate"] == report["ood"]["flag_rate"]["rate"]
+    assert noisiest["ood_flag_rate"] > clean["ood_flag_rate"]
     assert noisiest["balanced_accuracy"] < clean["balanced_accuracy"] - 0.1, (noisiest, clean)
     assert summary["corruptions"]["gaussian_noise"]["rBE"] > 0
     for name in ("stress.md", "stress.html", "summary.json", "stress_heatmap.png", "stress_curves.png",

@@ -171,12 +171,14 @@ def write_stress_html(out_dir, records: list[dict], summary: dict) -> Path:
     for i, record in enumerate(records):
         cells = [_escape(record["corruption"]), values(("records", i, "severity"))]
         keys = ("accuracy", "balanced_accuracy", "macro_auc", "ece_15") + (
-            ("conformal_coverage", "mean_set_size") if "conformal_coverage" in records[0] else ())
+            ("conformal_coverage", "mean_set_size") if "conformal_coverage" in records[0] else ()) + (
+            ("ood_flag_rate",) if "ood_flag_rate" in records[0] else ())
         cells += ([_escape(f"failed: {record['error']}")] + [""] * (len(keys) - 1) if "error" in record else
                   [values(("records", i, key)) for key in keys])
         rows.append(cells)
     table = _table(["corruption", "severity", "accuracy", "balanced accuracy", "macro AUC", "ECE",
-                    *(("conformal coverage", "mean set size") if "conformal_coverage" in records[0] else ())], rows)
+                    *(("conformal coverage", "mean set size") if "conformal_coverage" in records[0] else ()),
+                    *(("OOD flagged",) if "ood_flag_rate" in records[0] else ())], rows)
     body = [intro, _section("Summary", headline + per), _section("Figures", figures.take(
         "stress_heatmap.png", "stress_curves.png") + figures.take("stress_examples.png")),
         _section("Every corruption and severity", table)]

@@ -19,9 +19,10 @@ from sklearn import metrics as skm
 from tqdm import tqdm
 
 from jaxmed import train
+from jaxmed.train import run as train_run
 from jaxmed.config import load_run_config
 from jaxmed.errors import JaxmedError
-from jaxmed.evaluate import calibration, conformal, metrics
+from jaxmed.evaluate import calibration, conformal, metrics, ood
 from jaxmed.stress import corruptions as jcorrupt
 from jaxmed.stress import figures
 
@@ -55,13 +56,24 @@ def stress_workdir(workdir, split: str = "test", which: str = "best", names=None
     temperature, temperature_note = stored_temperature(workdir, source)
     notes = []
     fitted_sets = conformal.read_stored(workdir, source, temperature, run.dataset.class_names, notes)
+    detectors = ood.load(workdir / "ood")
+    if detectors is not None and detectors.meta.get("checkpoint") != source:
+        notes.append(f"W/ood is for {detectors.meta.get('checkpoint')}, not {source}: no OOD flag rates")
+        detectors = None
+    features_step = train_run.make_features_step(run) if detectors is not None else None
     data = run.dataset.splits[split]
     clean = np.asarray(data.images)
 
     def evaluate(images) -> dict:
-        indices, logits = train.predict(run, eval_step, params, stats, dataclasses.replace(data, images=images))
+        shifted = dataclasses.replace(data, images=images)
+        if features_step is None:
+            indices, logits = train.predict(run, eval_step, params, stats, shifted)
+        else:  # one pass gives the logits and the features the detectors read
+            indices, features, logits = train_run.predict_features(run, features_step, params, stats, shifted)
         labels, probabilities = data.labels[indices], calibration.apply_temperature(logits, temperature)
         result = scores(labels, probabilities, run.dataset.class_names)
+        if features_step is not None:  # does the run notice that these images are not like its training data?
+            result["ood_flag_rate"] = float(detectors.score(features, logits)[1].mean())
         if fitted_sets is not None:  # the run's conformal sets: do they still hold the true class under the shift?
             sets = conformal.sets_for_stored(fitted_sets, probabilities,
                                              [conformal.image_digest(images[i]) for i in indices])
@@ -85,7 +97,8 @@ def stress_workdir(workdir, split: str = "test", which: str = "best", names=None
     summary.update(split=split, checkpoint=source, images=int(len(clean)), seed=seed, temperature=temperature,
                    temperature_note=temperature_note, notes=notes,
                    conformal=None if fitted_sets is None else {key: fitted_sets.get(key) for key in (
-                       "method", "mondrian", "alpha", "calibration_split")}, applied_to="cached eval images (resized/cropped, before "
+                       "method", "mondrian", "alpha", "calibration_split")},
+                   ood=None if detectors is None else {"method": detectors.method}, applied_to="cached eval images (resized/cropped, before "
                    "normalisation)")
     if jax.process_index() == 0:
         write(workdir / "stress" / split, records, summary, clean, chosen, seed)
@@ -156,19 +169,22 @@ SETS_HEADER = " conformal coverage | mean set size |"
 
 def markdown(records, summary) -> str:
     sets = "conformal_coverage" in records[0]
+    flags = "ood_flag_rate" in records[0]
     lines = [f"# Stress test: {summary['split']}, {summary['checkpoint']} ({summary['images']} images)", "",
              f"Corruptions applied to {summary['applied_to']}; {summary['temperature_note']}.", "",
              f"Balanced error clean BE = {summary['BE_clean']:.4f}; mean over corruptions and severities mBE = "
              f"{_text(summary['mBE'])}, mean relative BE (BE − BE clean) mrBE = {_text(summary['mrBE'])}.", "",
-             "| corruption | severity | accuracy | balanced accuracy | macro AUC | ECE |" + SETS_HEADER * sets,
-             "|---|---|---|---|---|---|" + "---|---|" * sets]
+             "| corruption | severity | accuracy | balanced accuracy | macro AUC | ECE |" + SETS_HEADER * sets
+             + " OOD flagged |" * flags, "|---|---|---|---|---|---|" + "---|---|" * sets + "---|" * flags]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['corruption']} | {r['severity']} | failed: {r['error']} | | | |" + " | |" * sets)
+            lines.append(f"| {r['corruption']} | {r['severity']} | failed: {r['error']} | | | |" + " | |" * sets
+                         + " |" * flags)
         else:
             lines.append(f"| {r['corruption']} | {r['severity']} | {r['accuracy']:.4f} | {r['balanced_accuracy']:.4f}"
                          f" | {_text(r['macro_auc'])} | {r['ece_15']:.4f} |" + (
-                             f" {r['conformal_coverage']:.4f} | {r['mean_set_size']:.3f} |" if sets else ""))
+                             f" {r['conformal_coverage']:.4f} | {r['mean_set_size']:.3f} |" if sets else "")
+                         + (f" {r['ood_flag_rate']:.4f} |" if flags else ""))
     lines += ["", "| corruption | BE | rBE |", "|---|---|---|"]
     lines += [f"| {name} | {c['BE']:.4f} | {c['rBE']:+.4f} |" for name, c in summary["corruptions"].items()]
     return "\n".join(lines) + "\n"
