@@ -34,9 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.eval_every_steps = 0  # 0: every epoch
     config.train.log_every_steps = 10
     config.train.best_metric = "accuracy"  # a validation metric; the best checkpoints are kept by it
-    config.train.best_mode = "max"
+    config.train.best_mode = ""  # max | min; empty: min for a metric ending in "loss", else max (HF greater_is_better)
     config.train.keep_best = 1
-    config.train.early_stopping_patience = 0  # evaluations without improvement before stopping; 0: never
+    config.train.early_stopping_patience = 0  # validations without a strictly better best_metric before the phase
+    #                                           stops (each phase its own patience, as a new HF Trainer); 0: never
     config.train.label_smoothing = 0.0
     config.train.class_weighted_loss = False  # weights inverse to class frequency (sklearn 'balanced')
     config.train.grad_accumulation = 1

@@ -31,3 +31,113 @@ def test_warmup_rounds_up_as_the_hf_trainer():
         assert abs(float(ours(update)) - reference.get_last_lr()[0]) <= 1e-6 * lr, update  # optax computes in float32
         reference.optimizer.step()
         reference.step()
+
+
+def _hf_reference(values: list[float], metric: str, patience: int = 0, greater_is_better=None):
+    """(best step, step at which training stops or None) of one HF Trainer validated at steps 1, 2, …, computed by
+    transformers' own Trainer._determine_best_metric and EarlyStoppingCallback, in the Trainer's order (the
+    callback's on_evaluate runs inside evaluate(), before the best metric is updated)."""
+    from types import SimpleNamespace
+
+    from transformers import EarlyStoppingCallback, Trainer, TrainerControl, TrainerState
+
+    args = TrainingArguments(output_dir="/tmp/unused", metric_for_best_model=metric, eval_strategy="steps",
+                             greater_is_better=greater_is_better, report_to=[], use_cpu=True)
+    trainer = SimpleNamespace(args=args, state=TrainerState())
+    callback, control = EarlyStoppingCallback(early_stopping_patience=max(patience, 1)), TrainerControl()
+    for step, value in enumerate(values, 1):
+        trainer.state.global_step = step
+        metrics = {f"eval_{metric}": value}
+        callback.on_evaluate(args, trainer.state, control, metrics)
+        Trainer._determine_best_metric(trainer, metrics, None)
+        if patience and control.should_training_stop:
+            return trainer.state.best_global_step, step
+    return trainer.state.best_global_step, None
+
+
+def _best_step(tmp_path, values: dict[int, float], metric: str, mode: str = "", keep: int = 1):
+    import jax.numpy as jnp
+
+    from jaxmed.train.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path, keep_best=keep, best_metric=metric, best_mode=mode, async_saves=False)
+    for step, value in values.items():
+        checkpoints.save_best(step, {"w": jnp.zeros(2)}, {"step": step}, {metric: value})
+    kept = sorted(checkpoints.best.all_steps())
+    best = checkpoints.best_step()
+    checkpoints.close()
+    return best, kept
+
+
+@pytest.mark.parametrize("metric,values", [
+    ("accuracy", [0.80, 0.90, 0.90, 0.85]),  # the issue's example: HF keeps step 2
+    ("recall/PNEUMONIA", [1.0, 1.0, 0.5]),
+    ("loss", [0.9, 0.5, 0.5, 0.7]),
+])
+def test_best_checkpoint_is_the_first_of_equals(tmp_path, metric, values):
+    hf_best, _ = _hf_reference(values, metric)
+    best, _ = _best_step(tmp_path, dict(enumerate(values, 1)), metric)
+    assert best == hf_best
+
+
+def test_keep_best_two_keeps_the_two_first_best(tmp_path):
+    best, kept = _best_step(tmp_path, {1: 0.9, 2: 0.9, 3: 0.9, 4: 0.5}, "accuracy", keep=2)
+    assert best == 1 and kept == [1, 2]
+
+
+def test_a_loss_metric_is_minimised_unless_set_and_a_contradiction_is_an_error(tmp_path):
+    """TrainingArguments: greater_is_better = not metric_for_best_model.endswith("loss"); val losses .9, .5, .3."""
+    from jaxmed.errors import JaxmedError
+    from jaxmed.train.checkpoint import resolve_best_mode
+
+    hf_best, _ = _hf_reference([0.9, 0.5, 0.3], "loss")
+    assert _best_step(tmp_path / "a", {1: 0.9, 2: 0.5, 3: 0.3}, "loss")[0] == hf_best == 3
+    assert resolve_best_mode("accuracy") == "max" and resolve_best_mode("loss", "min") == "min"
+    for metric, mode in [("loss", "max"), ("accuracy", "min")]:
+        with pytest.raises(JaxmedError, match=f"train.best_mode='{mode}' contradicts train.best_metric='{metric}'"):
+            resolve_best_mode(metric, mode)
+    assert base_config().train.best_mode == ""
+
+
+@pytest.mark.parametrize("mode,metric,values", [
+    ("max", "accuracy", [0.5, 0.6, 0.6, 0.6, 0.7]),  # equal values count against the patience
+    ("max", "accuracy", [0.5, 0.4, 0.6, 0.6, 0.55, 0.6]),
+    ("min", "loss", [1.0, 0.8, 0.9, 0.8, 0.7, 0.75, 0.75]),
+])
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_early_stopping_counts_as_the_hf_callback(mode, metric, values, patience):
+    from jaxmed.train.stopping import EarlyStopping
+
+    stopping = EarlyStopping(patience, mode)
+    ours = next((step for step, value in enumerate(values, 1) if stopping.update(value)), None)
+    assert ours == _hf_reference(values, metric, patience)[1]
+
+
+def test_early_stopping_state_survives_json_and_each_phase_starts_afresh():
+    import json
+
+    from jaxmed.train.stopping import EarlyStopping
+
+    stopping = EarlyStopping(2, "max")
+    stopping.update(0.5), stopping.update(0.5)
+    restored = EarlyStopping.from_json(json.loads(json.dumps(stopping.to_json())), 2, "max", 0)
+    assert restored == stopping and restored.update(0.5)  # the second stale validation stops, as uninterrupted
+    assert restored.for_phase(0) is restored
+    assert restored.for_phase(1) == EarlyStopping(2, "max", 1)  # no best, no count, not stopped
+
+
+def test_validation_loss_is_the_trained_objective():
+    """HF's eval_loss goes through compute_loss (label_smoother included); class weights as training has them."""
+    import jax.numpy as jnp
+
+    from jaxmed.train import validation_metrics
+
+    rng = np.random.RandomState(0)
+    logits, labels = rng.randn(12, 3).astype(np.float32), rng.randint(0, 3, 12)
+    weights = np.array([0.5, 2.0, 1.0], np.float32)
+    ours = validation_metrics(labels, logits, ["a", "b", "c"], label_smoothing=0.1,
+                              class_weights=jnp.asarray(weights))["loss"]
+    reference = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels),
+                                                  label_smoothing=0.1, weight=torch.from_numpy(weights))
+    assert abs(ours - float(reference)) <= 1e-6
+

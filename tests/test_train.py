@@ -210,10 +210,18 @@ def test_bf16_compute_keeps_fp32_weights(tmp_path, cache_dir):
     assert all(v.dtype == np.float32 for v in _checkpoint_params(tmp_path / "run", 3).values())
 
 
-def test_early_stopping_ends_the_run_after_patience_evaluations(tmp_path, cache_dir):
-    """lr 0: validation never improves after the first evaluation, so patience 2 stops at the third."""
+def test_early_stopping_ends_the_run_after_patience_evaluations(tmp_path, cache_dir, caplog):
+    """lr 0: validation never improves after the first evaluation, so patience 2 stops at the third; running the
+    same command again finds the run stopped (HF saves the callback's state) and trains nothing more."""
     config = _config(cache_dir, train__steps=40, train__eval_every_steps=2, train__early_stopping_patience=2,
                      optim__lr=0.0)
     result = experiment.train_and_evaluate(config, tmp_path / "run")
     assert result["steps"] == 6 and [h["step"] for h in result["history"]] == [2, 4, 6]
     assert (tmp_path / "run/checkpoints/6").exists()  # the stopping point is saved
+    metrics = (tmp_path / "run/metrics.jsonl").read_text()
+    with caplog.at_level("INFO", logger="jaxmed.train"):
+        again = experiment.train_and_evaluate(config, tmp_path / "run")
+    assert again["steps"] == 6 and again["history"] == result["history"]
+    assert (tmp_path / "run/metrics.jsonl").read_text() == metrics
+    assert "early stopping had ended phase train at step 6" in caplog.text and "nothing left to train" in caplog.text
+

@@ -20,18 +20,23 @@ from jaxmed.train.checkpoint import Checkpoints, workdir_path
 from jaxmed.train.metrics_writer import MetricsWriter, progress_bar
 from jaxmed.train.run import (Run, abstract_state, init_state, make_eval_step, optimizer, phase_index, predict, setup,
                               with_optimizer)
-from jaxmed.train.step import make_train_step
+from jaxmed.train.step import cross_entropy, make_train_step
+from jaxmed.train.stopping import EarlyStopping
 
 log = logging.getLogger("jaxmed.train")
 
 
-def validation_metrics(labels: np.ndarray, logits: np.ndarray, class_names: list[str]) -> dict:
-    """What the best checkpoint can be chosen by: accuracy, loss, balanced accuracy, F1, recall/<class>."""
+def validation_metrics(labels: np.ndarray, logits: np.ndarray, class_names: list[str], *,
+                       label_smoothing: float = 0.0, class_weights=None) -> dict:
+    """What the best checkpoint can be chosen by: accuracy, loss, balanced accuracy, F1, recall/<class>.
+
+    The loss is the trained objective (label smoothing, class weights), as the HF Trainer's eval_loss goes through
+    the same compute_loss (and label_smoother) as training: "best by loss" means best by what was minimised."""
     from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
 
     predictions = logits.argmax(-1)
-    log_probs = jax.nn.log_softmax(jnp.asarray(logits))
-    loss = float(-jnp.mean(jnp.take_along_axis(log_probs, jnp.asarray(labels)[:, None], 1)))
+    loss = float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels), smoothing=label_smoothing,
+                               class_weights=class_weights))
     return {"accuracy": float(np.mean(predictions == labels)), "loss": loss,
             "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
             "f1_macro": float(f1_score(labels, predictions, average="macro", zero_division=0)),
@@ -71,7 +76,7 @@ def train(config, workdir, run: Run | None = None) -> dict:
     tc = config.train
     if jax.process_index() == 0:
         (workdir / "splits.csv").write_text(run.dataset.splits_csv())
-    checkpoints = Checkpoints.for_run(workdir, tc, async_saves=tc.async_checkpoints)
+    checkpoints = Checkpoints.for_run(workdir, tc, async_saves=tc.async_checkpoints)  # checks best_metric/mode
     train_split = run.dataset.splits["train"]
     val_split = run.dataset.splits.get("val")
     if val_split is not None and tc.best_metric not in validation_metrics(
@@ -89,16 +94,20 @@ def train(config, workdir, run: Run | None = None) -> dict:
     meta = {"class_names": run.dataset.class_names, "model_type": run.spec.hf_config.model_type,
             "hf_config": run.spec.hf_config.to_dict(), "preprocessor": run.spec.preprocessor,
             "config": json.loads(config.to_json_best_effort())}
-    start = checkpoints.latest_step()
+    start, saved = checkpoints.latest_step(), {}
     if start is not None:
         # the phase that wrote the checkpoint: one saved at a phase's last step holds that phase's optimizer state
         # (the loop then starts the next phase's fresh optimizer)
         phase = phase_index(run, max(start - 1, 0))
-        state, _ = checkpoints.restore_latest(start, abstract_state(run, phase), iterator)
+        state, saved = checkpoints.restore_latest(start, abstract_state(run, phase), iterator)
         log.info("resuming from step %d (%s/checkpoints/%d)", start, workdir, start)
     else:
         phase, start = 0, 0
         state = init_state(run, phase)
+    # HF saves EarlyStoppingCallback's counter and state.best_metric with each checkpoint: so do we (in its meta)
+    stopping = EarlyStopping.from_json(saved.get("early_stopping"), tc.early_stopping_patience,
+                                       checkpoints.best_mode, phase)
+    history = list(saved.get("history", []))
     total = run.phase_steps[-1]
     writer = MetricsWriter(workdir)
     tx, lr = optimizer(run, phase, state["params"])
@@ -106,18 +115,29 @@ def train(config, workdir, run: Run | None = None) -> dict:
     eval_step = make_eval_step(run)
     eval_every = tc.eval_every_steps or run.steps_per_epoch
     log.info("training budget: %s", run.budget)
-    best, stale, history = None, 0, []
     sharding = jmesh.batch_sharding(run.mesh)
     bar = progress_bar(total, start)
     step, started, pending = start, time.perf_counter(), []
     session = (start, started)
+
+    def progress(step: int) -> dict:  # the metadata of a latest checkpoint: what a resumed run continues from
+        return dict(meta, step=step, early_stopping=stopping.to_json(), history=history)
+
+    last_step = step
+    if stopping.stopped:  # the checkpoint was saved where early stopping ended its phase
+        log.info("early stopping had ended phase %s at step %d (no better %s for %d validations); %s",
+                 run.phases[stopping.phase].name, step, tc.best_metric, stopping.stale,
+                 "nothing left to train" if stopping.phase == len(run.phases) - 1 else "going on with the next phase")
+        step = total if stopping.phase == len(run.phases) - 1 else run.phase_steps[stopping.phase]
     with _Preemption() as preemption:
         while step < total:
             if phase_index(run, step) != phase:  # a new phase starts a fresh optimizer, as a new HF Trainer
                 if pending:  # log the last phase's steps under its own objective and learning rate
-                    _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, state, iterator, meta)
+                    _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, state, iterator,
+                           progress(step))
                     started, pending = time.perf_counter(), []
                 phase = phase_index(run, step)
+                stopping = stopping.for_phase(phase)  # and its own patience and best-so-far (a new Trainer's)
                 log.info("phase %s from step %d", run.phases[phase].name, step)
                 state = with_optimizer(run, phase, state["params"], state["stats"], step)
                 tx, lr = optimizer(run, phase, state["params"])
@@ -126,33 +146,46 @@ def train(config, workdir, run: Run | None = None) -> dict:
             batch = jmesh.global_batch({"image": batch["image"], "label": batch["label"]}, sharding)
             state, metrics = train_step(state, batch)
             step += 1
+            last_step = step
             pending.append(metrics)
             if step % tc.log_every_steps == 0 or step == total:
-                _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, state, iterator, meta)
+                _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, state, iterator,
+                       progress(step))
                 started, pending = time.perf_counter(), []
             if val_split is not None and (step % eval_every == 0 or step == total):
                 indices, logits = predict(run, eval_step, state["params"], state["stats"], val_split)
-                metrics = validation_metrics(val_split.labels[indices], logits, run.dataset.class_names)
+                metrics = validation_metrics(val_split.labels[indices], logits, run.dataset.class_names,
+                                             label_smoothing=tc.label_smoothing, class_weights=class_weights)
                 writer.write(step, {f"val/{k}": v for k, v in metrics.items()})
                 history.append({"step": step, **metrics})
                 bar.write(f"step {step}: val " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                                          if not k.startswith("recall/")))
-                # in a reconstruction (pretraining) phase the head is untrained: its metrics choose no checkpoint
+                # W/best: one best over the whole run (HF's state.best_metric over a training), first of equals;
+                # early stopping: per phase. In a reconstruction (pretraining) phase the head is untrained: its
+                # metrics choose no checkpoint and stop nothing.
                 if run.phases[phase].objective == "classification":
                     checkpoints.save_best(step, {"params": state["params"], "stats": state["stats"]},
                                           dict(meta, step=step, val=metrics), metrics)
-                    value = metrics[tc.best_metric] * (1 if tc.best_mode == "max" else -1)
-                    best, stale = (value, 0) if best is None or value > best else (best, stale + 1)
-                if tc.early_stopping_patience and stale >= tc.early_stopping_patience:
-                    log.info("early stopping at step %d: no better %s for %d evaluations", step, tc.best_metric,
-                             stale)
-                    checkpoints.save_latest(step, state, iterator, dict(meta, step=step), force=True)
-                    break
+                    if stopping.update(metrics[tc.best_metric]):
+                        last = phase == len(run.phases) - 1
+                        log.info("early stopping at step %d: no better %s for %d validations; %s", step,
+                                 tc.best_metric, stopping.stale, "the run ends" if last else
+                                 f"phase {run.phases[phase].name} ends, phase {run.phases[phase + 1].name} starts")
+                        if pending:
+                            _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, state, iterator,
+                                   progress(step))
+                            started, pending = time.perf_counter(), []
+                        checkpoints.save_latest(step, state, iterator, progress(step), force=True)
+                        if last:
+                            break
+                        bar.update(run.phase_steps[phase] - step)
+                        step = run.phase_steps[phase]  # the next phase starts at its first step, as it would have
+                        continue
             if step % run.steps_per_epoch == 0 or step == total:
-                checkpoints.save_latest(step, state, iterator, dict(meta, step=step))
+                checkpoints.save_latest(step, state, iterator, progress(step))
             if preemption.requested or (jax.process_count() > 1 and checkpoints.reached_preemption(step)):
                 if checkpoints.latest_step() != step:  # a signal at an epoch's end: that step is saved already
-                    checkpoints.save_latest(step, state, iterator, dict(meta, step=step), force=True)
+                    checkpoints.save_latest(step, state, iterator, progress(step), force=True)
                 checkpoints.close()
                 bar.close()
                 _write_summary(run, session, step)
@@ -162,8 +195,8 @@ def train(config, workdir, run: Run | None = None) -> dict:
     bar.close()
     checkpoints.close()
     writer.close()
-    _write_summary(run, session, step)
-    return {"steps": step, "history": history, "run": run, "eval_step": eval_step}
+    _write_summary(run, session, last_step)
+    return {"steps": last_step, "history": history, "run": run, "eval_step": eval_step}
 
 
 def _write_summary(run: Run, session: tuple[int, float], step: int) -> None:
@@ -186,7 +219,7 @@ def _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, sta
     losses = np.array([v["loss"] for v in values])
     if not np.all(np.isfinite(losses)):
         bad = step - len(values) + int(np.argmin(np.isfinite(losses)))
-        checkpoints.save_latest(step, state, iterator, dict(meta, step=step, nonfinite_at=bad), force=True)
+        checkpoints.save_latest(step, state, iterator, dict(meta, nonfinite_at=bad), force=True)
         checkpoints.close()
         raise JaxmedError(f"loss became {losses[~np.isfinite(losses)][0]} at step {bad + 1}; saved step {step} in "
                           f"{run.workdir}/checkpoints for inspection — lower optim.lr or enable optim.clip_norm")
