@@ -141,3 +141,72 @@ def test_validation_loss_is_the_trained_objective():
                                                   label_smoothing=0.1, weight=torch.from_numpy(weights))
     assert abs(ours - float(reference)) <= 1e-6
 
+
+@pytest.mark.parametrize("count,batch,shards", [(40, 16, 1), (41, 8, 2), (9, 16, 1)])
+def test_an_epoch_is_ceil_batches_the_last_partial_and_masked(count, batch, shards):
+    """torch's DataLoader (HF dataloader_drop_last=False): 40 images at batch 16 are 3 batches, not 2; each
+    epoch shows every image once, the padding of its last batch masked out."""
+    from test_data_pipeline import AUGMENT, VIT, memory_split
+
+    from jaxmed.data import host_train_iterator, steps_per_epoch
+
+    split = memory_split(count)
+    per_epoch = steps_per_epoch(split, batch, shards=shards)
+    assert per_epoch == math.ceil(math.ceil(count / shards) / (batch // shards))
+    iterators = [host_train_iterator(split, VIT, batch_size=batch, shards=shards, process_index=host,
+                                     process_count=shards, seed=1, augment_settings=AUGMENT)
+                 for host in range(shards)]
+    for epoch in range(2):
+        seen = []
+        for _ in range(per_epoch):
+            for iterator in iterators:
+                batch_ = next(iterator)
+                assert batch_["image"].shape[0] == batch // shards and batch_["mask"].dtype == bool
+                seen += batch_["index"][batch_["mask"]].tolist()
+        assert sorted(seen) == list(range(count)), epoch
+
+
+def test_drop_last_drops_each_epochs_partial_batch():
+    from test_data_pipeline import AUGMENT, VIT, memory_split
+
+    from jaxmed.data import steps_per_epoch, train_iterator
+
+    split = memory_split(40)
+    assert steps_per_epoch(split, 16, drop_last=True) == 2
+    iterator = train_iterator(split, VIT, batch_size=16, seed=1, augment_settings=AUGMENT, drop_last=True)
+    epochs = [np.concatenate([next(iterator)["index"] for _ in range(2)]) for _ in range(2)]
+    assert all(len(set(indices.tolist())) == 32 for indices in epochs)  # full batches, 8 left out each epoch
+    assert set(epochs[0].tolist()) != set(epochs[1].tolist())  # a fresh permutation, not the leftovers first
+
+
+def _train_config(**values):
+    config = base_config().train
+    config.update(values)
+    return config
+
+
+def test_train_steps_are_shared_over_the_phases_by_their_epochs():
+    """Kermany: head 5 epochs, all 8; train.steps=20 gives both phases, 8 and 12 updates (was: head only, 20)."""
+    from jaxmed.errors import JaxmedError
+    from jaxmed.train.optim import Phase
+    from jaxmed.train.run import phase_updates, training_budget
+
+    plan = [Phase("head", 5, 1e-3, ("classifier",)), Phase("all", 8, 1e-4)]
+    for steps_per_epoch in (3, 7, 100):
+        shared, budget = training_budget(plan, steps_per_epoch, _train_config(steps=20))
+        assert [phase_updates(phase, steps_per_epoch) for phase in shared] == [8, 12], steps_per_epoch
+        assert [phase.lr for phase in shared] == [1e-3, 1e-4] and "head 8, all 12" in budget
+    uneven = [Phase("a", 0.01, 1.0), Phase("b", 10, 1.0), Phase("c", 0.01, 1.0)]
+    assert [phase_updates(p, 4) for p in training_budget(uneven, 4, _train_config(steps=5))[0]] == [1, 3, 1]
+    with pytest.raises(JaxmedError, match=r"train.steps=1 is fewer than the 2 phases \(head, all\)"):
+        training_budget(plan, 3, _train_config(steps=1))
+
+
+def test_epochs_give_ceil_updates_per_epoch_and_per_phase():
+    """HF: num_update_steps_per_epoch = ceil(batches / accumulation), max_steps = ceil(epochs · that)."""
+    from jaxmed.train.optim import Phase
+    from jaxmed.train.run import phase_updates
+
+    assert phase_updates(Phase("a", 2.5, 1.0), 5) == 13  # 12.5 → 13 (round() gave 12)
+    assert phase_updates(Phase("a", 8 / 3, 1.0), 3) == 8  # not 9 from 8.000000000000002
+    assert phase_updates(Phase("a", 0.1, 1.0), 7) == 1

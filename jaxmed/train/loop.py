@@ -88,7 +88,7 @@ def train(config, workdir, run: Run | None = None) -> dict:
         train_split, run.preprocessor, batch_size=tc.batch_size, shards=config.data.shards or jax.process_count(),
         process_index=jax.process_index(), process_count=jax.process_count(), seed=config.seed,
         augment_settings=config.data.augment, balanced=config.data.balanced_sampling,
-        num_workers=config.data.num_workers)
+        num_workers=config.data.num_workers, drop_last=tc.drop_last)
     class_weights = (jnp.asarray(jdata.class_weights(train_split.labels, len(run.dataset.class_names)))
                      if tc.class_weighted_loss else None)
     meta = {"class_names": run.dataset.class_names, "model_type": run.spec.hf_config.model_type,
@@ -115,6 +115,10 @@ def train(config, workdir, run: Run | None = None) -> dict:
     eval_step = make_eval_step(run)
     eval_every = tc.eval_every_steps or run.steps_per_epoch
     log.info("training budget: %s", run.budget)
+    accumulation = tc.grad_accumulation
+    log.info("a step is one optimizer update of %d micro-batch%s of %d images (train.steps, eval_every_steps, "
+             "log_every_steps, min_steps and the checkpoints count these updates, as HF's max_steps)",
+             accumulation, "es" if accumulation > 1 else "", tc.batch_size)
     sharding = jmesh.batch_sharding(run.mesh)
     bar = progress_bar(total, start)
     step, started, pending = start, time.perf_counter(), []
@@ -139,15 +143,16 @@ def train(config, workdir, run: Run | None = None) -> dict:
                 phase = phase_index(run, step)
                 stopping = stopping.for_phase(phase)  # and its own patience and best-so-far (a new Trainer's)
                 log.info("phase %s from step %d", run.phases[phase].name, step)
-                state = with_optimizer(run, phase, state["params"], state["stats"], step)
+                state = with_optimizer(run, phase, state["params"], state["stats"], step * accumulation)
                 tx, lr = optimizer(run, phase, state["params"])
                 train_step = make_train_step(run, tx, class_weights, run.phases[phase])
-            batch = next(iterator)
-            batch = jmesh.global_batch({"image": batch["image"], "label": batch["label"]}, sharding)
-            state, metrics = train_step(state, batch)
+            for _ in range(accumulation):  # one optimizer update (optax.MultiSteps applies it on the last)
+                batch = next(iterator)
+                batch = jmesh.global_batch({key: batch[key] for key in ("image", "label", "mask")}, sharding)
+                state, metrics = train_step(state, batch)
+                pending.append(metrics)
             step += 1
             last_step = step
-            pending.append(metrics)
             if step % tc.log_every_steps == 0 or step == total:
                 _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, state, iterator,
                        progress(step))
@@ -207,7 +212,7 @@ def _write_summary(run: Run, session: tuple[int, float], step: int) -> None:
     path = run.workdir / "train_summary.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     seconds = time.perf_counter() - session[1]
-    images = (step - session[0]) * run.config.train.batch_size
+    images = (step - session[0]) * run.config.train.batch_size * run.config.train.grad_accumulation
     summary = {"parameters": int(sum(leaf.size for leaf in jax.tree.leaves(run.abstract["params"]))),
                "steps": step, "train_seconds": previous.get("train_seconds", 0.0) + seconds,
                "images_per_second": images / seconds if images else previous.get("images_per_second")}
@@ -224,15 +229,16 @@ def _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, sta
         raise JaxmedError(f"loss became {losses[~np.isfinite(losses)][0]} at step {bad + 1}; saved step {step} in "
                           f"{run.workdir}/checkpoints for inspection — lower optim.lr or enable optim.clip_norm")
     images_per_second = len(values) * run.config.train.batch_size / max(time.perf_counter() - started, 1e-9)
-    current_lr = float(lr(max(0, (step - (run.phase_steps[phase - 1] if phase else 0)) //
-                              run.config.train.grad_accumulation - 1)))
+    accumulation = run.config.train.grad_accumulation
+    current_lr = float(lr(max(0, step - (run.phase_steps[phase - 1] if phase else 0) - 1)))
     # a reconstruction phase's loss is an MSE: its own curve, not a stretch of the cross-entropy's
     loss_name = "train/loss" if run.phases[phase].objective == "classification" else "train/reconstruction_loss"
     summary = {loss_name: float(losses.mean()), "train/grad_norm": float(np.mean([v["grad_norm"] for v in values])),
                "train/lr": current_lr, "train/images_per_second": images_per_second,
-               "train/epoch": step / run.steps_per_epoch}
+               "train/epoch": step / run.steps_per_epoch,
+               "train/micro_batches": step * accumulation}  # `step` counts optimizer updates; this, batches
     if "accuracy" in values[0]:
         summary["train/accuracy"] = float(np.mean([v["accuracy"] for v in values]))
     writer.write(step, summary)
-    bar.update(len(values))
+    bar.update(len(values) // accumulation)
     bar.set_postfix(loss=f"{summary[loss_name]:.4f}", lr=f"{current_lr:.2e}", img_s=f"{images_per_second:.1f}")
