@@ -200,11 +200,12 @@ def _hf_phase(model, trainable: str, lr: float, updates: int, output_dir):
 
 def test_losses_match_hf_trainers_over_two_phases_early_stopping_and_a_resume(tmp_path, cache_dir, monkeypatch):
     """Same random-init HF ViT, same batches, AdamW + linear schedule + clipping as transformers.Trainer builds
-    them, dropout off — and Kermany's protocol in miniature, one HF Trainer per phase (head only, then everything), validated every 2
-    steps with EarlyStoppingCallback(patience 1), SIGTERM in phase 1 between two validations, then resumed:
-    train.steps=16 gives each phase 8 updates; phase 1 stops early and phase 2 still trains; the per-step losses
-    (the epoch's last, partial batch included) equal torch's, and the stopping steps and the best checkpoint (one
-    best over the run, first of equals) are the ones transformers' own callback and _determine_best_metric pick."""
+    them, dropout off — and Kermany's protocol in miniature, one HF Trainer per phase (head only, then everything),
+    validated every 2 steps with EarlyStoppingCallback(patience 1), SIGTERM in phase 1 between two validations,
+    then resumed. train.steps=16 gives each phase 8 updates; phase 1 stops early and phase 2 still trains; the
+    per-step losses (the epoch's last, partial batch included) equal torch's, and the stopping steps and the best
+    checkpoint (one best over the run, first of equals) are the ones transformers' own callback and
+    _determine_best_metric pick."""
     import signal
 
     from transformers import EarlyStoppingCallback, TrainerControl, TrainerState

@@ -2,8 +2,8 @@
 checkpointable iterator; finite, padded, masked evaluation batches that cover every example exactly once.
 
 Batches are dicts of numpy arrays: image uint8 (B, H, W, 3), label int32 (B,), index int64 (B,), mask bool (B,)
-(False: padding, which the loss and metrics leave out). They stay uint8 — a quarter of float32's bytes to move — and are normalised on the device inside the
-jitted step with `model_inputs`.
+(False: padding, which the loss and metrics leave out). They stay uint8 — a quarter of float32's bytes to move —
+and are normalised on the device inside the jitted step with `model_inputs`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ def train_iterator(split: Split, preprocessor: Preprocessor, *, batch_size: int,
     Each host takes every process_count-th example before shuffling (so hosts never share an example), then
     reshuffles every epoch from (seed, host). An epoch is `steps_per_epoch` batches: its last, partial batch is
     padded to the full shape (the sharding and the compiled step stay the same) with `mask` False on the padding,
-    as torch's DataLoader with drop_last=False (the HF Trainer's default) yields it; `drop_last` drops it. `augment_settings`: an augment.Settings, the `data.augment`
-    ConfigDict (its `enabled` flag is honoured) or None for the deterministic eval view. `balanced` draws
+    as torch's DataLoader with drop_last=False (the HF Trainer's default) yields it; `drop_last` drops it.
+    `augment_settings`: an augment.Settings, the `data.augment` ConfigDict (its `enabled` flag is honoured) or
+    None for the deterministic eval view. `balanced` draws
     examples with probability inverse to their class frequency, with replacement (torch WeightedRandomSampler).
     """
     local_batch = _local_batch_size(batch_size, process_count)

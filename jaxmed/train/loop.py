@@ -157,7 +157,11 @@ def train(config, workdir, run: Run | None = None) -> dict:
                 _flush(run, writer, bar, pending, step, started, lr, phase, checkpoints, state, iterator,
                        progress(step))
                 started, pending = time.perf_counter(), []
-            if val_split is not None and (step % eval_every == 0 or step == total):
+            # counted from the phase's start, as a new HF Trainer per phase evaluates; per epoch also at the phase's
+            # end (HF's on_epoch_end evaluates a last, partial epoch), and always at the end of the run
+            phase_start, phase_end = run.phase_steps[phase - 1] if phase else 0, run.phase_steps[phase]
+            if val_split is not None and ((step - phase_start) % eval_every == 0 or step == total
+                                          or (step == phase_end and not tc.eval_every_steps)):
                 indices, logits = predict(run, eval_step, state["params"], state["stats"], val_split)
                 metrics = validation_metrics(val_split.labels[indices], logits, run.dataset.class_names,
                                              label_smoothing=tc.label_smoothing, class_weights=class_weights)

@@ -151,12 +151,11 @@ def training_budget(plan: list, steps_per_epoch: int, train_config) -> tuple[lis
     sentence saying why the budget is what it is. A small dataset's epochs are a handful of steps, too few to learn
     from scratch: then the steps count, not the epochs (early stopping on val ends the run once it stops
     improving). Every count here is of optimizer updates, as the HF Trainer's max_steps."""
+    stopping = (f"; stopping a phase early after {train_config.early_stopping_patience} validations without a "
+                f"better {train_config.best_metric}" if train_config.early_stopping_patience else "")
     if train_config.steps:
         plan, budget = steps_over_phases(plan, train_config.steps, steps_per_epoch)
-        if train_config.early_stopping_patience:
-            budget += (f"; stopping a phase early after {train_config.early_stopping_patience} validations without a "
-                       f"better {train_config.best_metric}")
-        return plan, budget
+        return plan, budget + stopping
     steps = sum(phase_updates(phase, steps_per_epoch) for phase in plan)
     epochs = sum(phase.epochs for phase in plan)
     budget = (f"{epochs:g} epochs of {steps_per_epoch} steps (batch {train_config.batch_size}) = {steps} steps")
@@ -166,10 +165,7 @@ def training_budget(plan: list, steps_per_epoch: int, train_config) -> tuple[lis
         plan = [dataclasses.replace(phase, epochs=phase.epochs * scale) for phase in plan]
         budget += (f", fewer than train.min_steps={minimum}: training {minimum} steps "
                    f"({epochs * scale:.1f} epochs) instead")
-    if train_config.early_stopping_patience:
-        budget += (f"; stopping a phase early after {train_config.early_stopping_patience} validations without a "
-                   f"better {train_config.best_metric}")
-    return plan, budget
+    return plan, budget + stopping
 
 
 def _check_reconstruction_phases(plan, model, model_type: str) -> None:
