@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from ml_collections import ConfigDict
 from transformers import TrainingArguments
 from transformers.optimization import get_linear_schedule_with_warmup
 
