@@ -1,7 +1,8 @@
 """The experiment config every configs/*.py starts from: every key a run reads, with its default.
 
 Durations are in epochs (`train.epochs`, a phase's `epochs`, fractional allowed) or, when `train.steps` > 0,
-in steps; `train.eval_every_steps` = 0 evaluates once per epoch.
+in steps; `train.eval_every_steps` = 0 evaluates once per epoch. A step is one optimizer update (of
+`train.grad_accumulation` batches), as the HF Trainer's max_steps; an epoch is ceil(images / batch) batches.
 """
 
 from __future__ import annotations
@@ -25,18 +26,21 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 10.0
-    config.train.steps = 0  # > 0: train this many steps instead of train.epochs (single phase)
+    config.train.steps = 0  # > 0: train this many steps instead of the epochs, shared over the phases by their epochs
     config.train.min_steps = 0  # > 0: stretch the epochs to at least this many steps (small datasets)
     config.train.batch_size = 16  # global, over all hosts and devices
+    config.train.drop_last = False  # True: drop each epoch's last, partial batch (HF dataloader_drop_last); False:
+    #                                 train on it, padded and masked out of the loss
     config.train.eval_batch_size = 64
     config.train.phases = ()  # list of {name, epochs, lr, trainable, objective, layer}; empty: one phase
     #                           (train.epochs, optim.lr). objective "reconstruction" + layer: greedy pretraining
     config.train.eval_every_steps = 0  # 0: every epoch
     config.train.log_every_steps = 10
     config.train.best_metric = "accuracy"  # a validation metric; the best checkpoints are kept by it
-    config.train.best_mode = "max"
+    config.train.best_mode = ""  # max | min; empty: min for a metric ending in "loss", else max (HF greater_is_better)
     config.train.keep_best = 1
-    config.train.early_stopping_patience = 0  # evaluations without improvement before stopping; 0: never
+    config.train.early_stopping_patience = 0  # validations without a strictly better best_metric before the phase
+    #                                           stops (each phase its own patience, as a new HF Trainer); 0: never
     config.train.label_smoothing = 0.0
     config.train.class_weighted_loss = False  # weights inverse to class frequency (sklearn 'balanced')
     config.train.grad_accumulation = 1

@@ -25,7 +25,7 @@ def _config(tmp_path, folds=3):
 
 class _StopAtStep:
     """SIGTERM's effect, deterministically: the loop sees a preemption request after `after` steps. Here that is
-    step 4, also the end of a fold's epoch (34 training images, batch 8): the step is saved already."""
+    step 4, inside a fold's first epoch (34 training images at batch 8: 5 steps, the last partial): saved then."""
 
     def __init__(self, after: int):
         self.after, self.checks = after, 0

@@ -1,9 +1,9 @@
 """grain pipelines over the cache: endless, shuffled, freshly augmented per-host training batches with a
 checkpointable iterator; finite, padded, masked evaluation batches that cover every example exactly once.
 
-Batches are dicts of numpy arrays: image uint8 (B, H, W, 3), label int32 (B,), index int64 (B,) (+ mask for
-eval). They stay uint8 — a quarter of float32's bytes to move — and are normalised on the device inside the
-jitted step with `model_inputs`.
+Batches are dicts of numpy arrays: image uint8 (B, H, W, 3), label int32 (B,), index int64 (B,), mask bool (B,)
+(False: padding, which the loss and metrics leave out). They stay uint8 — a quarter of float32's bytes to move —
+and are normalised on the device inside the jitted step with `model_inputs`.
 """
 
 from __future__ import annotations
@@ -25,24 +25,29 @@ from jaxmed.errors import JaxmedError
 
 def train_iterator(split: Split, preprocessor: Preprocessor, *, batch_size: int, seed: int, augment_settings=None,
                    balanced: bool = False, num_workers: int = 0, process_index: int = 0, process_count: int = 1,
-                   read_threads: int | None = None) -> grain.DatasetIterator:
+                   read_threads: int | None = None, drop_last: bool = False) -> grain.DatasetIterator:
     """Endless per-host batches of batch_size // process_count; `get_state()`/`set_state()` resume exactly.
 
     Each host takes every process_count-th example before shuffling (so hosts never share an example), then
-    reshuffles every epoch from (seed, host). `augment_settings`: an augment.Settings, the `data.augment`
-    ConfigDict (its `enabled` flag is honoured) or None for the deterministic eval view. `balanced` draws
+    reshuffles every epoch from (seed, host). An epoch is `steps_per_epoch` batches: its last, partial batch is
+    padded to the full shape (the sharding and the compiled step stay the same) with `mask` False on the padding,
+    as torch's DataLoader with drop_last=False (the HF Trainer's default) yields it; `drop_last` drops it.
+    `augment_settings`: an augment.Settings, the `data.augment` ConfigDict (its `enabled` flag is honoured) or
+    None for the deterministic eval view. `balanced` draws
     examples with probability inverse to their class frequency, with replacement (torch WeightedRandomSampler).
     """
     local_batch = _local_batch_size(batch_size, process_count)
     rows = np.arange(process_index, len(split), process_count)
-    if len(rows) < local_batch:
+    if not len(rows) or (drop_last and len(rows) < local_batch):
         raise JaxmedError(f"split {split.name!r} has {len(split)} images: too few for batches of {batch_size} over "
-                          f"{process_count} processes; lower the batch size")
+                          f"{process_count} processes; lower the batch size"
+                          + (" or set train.drop_last=False" if drop_last else ""))
     host_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
     cached = _CachedRows(split, rows)
     # Whole batches of positions, then one transform per batch: grain's per-example shuffle/batch steps cost
     # 0.2 ms an example, as much as the augmentation itself.
-    order = _EpochOrder(cached.labels, local_batch, host_seed, balanced)
+    order = _EpochOrder(cached.labels, local_batch, host_seed, balanced,
+                        steps_per_epoch(split, batch_size, shards=process_count, drop_last=drop_last))
     dataset = grain.MapDataset.source(order).seed(host_seed)
     settings = _settings(augment_settings)
     if settings is None:
@@ -97,9 +102,15 @@ def host_train_iterator(split: Split, preprocessor: Preprocessor, *, batch_size:
     return iterators[0] if per_host == 1 else ShardedIterator(iterators)
 
 
-def steps_per_epoch(split: Split, batch_size: int) -> int:
-    """Global steps that show each training example about once (the last partial batch rolls into the next)."""
-    return max(1, len(split) // batch_size)
+def steps_per_epoch(split: Split | int, batch_size: int, *, shards: int = 1, drop_last: bool = False) -> int:
+    """Global batches that show each training example once: ceil(N / B), with the last one partial, as the HF
+    Trainer's DataLoader (dataloader_drop_last=False) has it; floor with `drop_last`. Over `shards` (hosts), the
+    shard with the most examples sets the count, so every host steps together."""
+    count = split if isinstance(split, int) else len(split)
+    local_batch = _local_batch_size(batch_size, shards)
+    if drop_last:
+        return max(1, (count // shards) // local_batch)
+    return max(1, math.ceil(math.ceil(count / shards) / local_batch))
 
 
 class EvalBatches:
@@ -201,8 +212,8 @@ class _CachedRows:
             self._images = np.load(self.path, mmap_mode="r")
         return self._images
 
-    def batch(self, positions: np.ndarray, images: np.ndarray) -> dict:
-        return {"image": images, "label": self.labels[positions], "index": self.rows[positions]}
+    def batch(self, positions: np.ndarray, mask: np.ndarray, images: np.ndarray) -> dict:
+        return {"image": images, "label": self.labels[positions], "index": self.rows[positions], "mask": mask}
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -214,11 +225,13 @@ class _CachedRows:
 class _EpochOrder:
     """Batch k of an endless stream of epochs, each a fresh order of this host's examples drawn from (seed, epoch):
     a permutation, or with `balanced` as many draws with replacement, weighted 1 / class count (torch's
-    WeightedRandomSampler). Random access by batch number, so grain's iterator state (the next batch number)
-    resumes exactly."""
+    WeightedRandomSampler), cut into `batches_per_epoch` batches. Random access by batch number, so grain's
+    iterator state (the next batch number) resumes exactly. → (positions, mask): a short last batch is padded
+    with the epoch's first examples (as torch's DistributedSampler pads), mask False there."""
 
-    def __init__(self, labels: np.ndarray, batch_size: int, seed: int, balanced: bool):
+    def __init__(self, labels: np.ndarray, batch_size: int, seed: int, balanced: bool, batches_per_epoch: int):
         self.count, self.batch_size, self.seed = len(labels), batch_size, seed
+        self.batches_per_epoch = batches_per_epoch
         weights = 1.0 / np.bincount(labels)[labels]
         self.probabilities = weights / weights.sum() if balanced else None
         self._orders = {}  # the few epochs being read
@@ -226,9 +239,14 @@ class _EpochOrder:
     def __len__(self) -> int:
         return sys.maxsize // self.batch_size
 
-    def __getitem__(self, batch: int) -> np.ndarray:
-        epochs, positions = np.divmod(np.arange(batch * self.batch_size, (batch + 1) * self.batch_size), self.count)
-        return np.concatenate([self._order(epoch)[positions[epochs == epoch]] for epoch in np.unique(epochs)])
+    def __getitem__(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, slot = divmod(batch, self.batches_per_epoch)
+        order = self._order(epoch)
+        positions = order[slot * self.batch_size:(slot + 1) * self.batch_size]
+        mask = np.arange(self.batch_size) < len(positions)
+        if len(positions) < self.batch_size:
+            positions = np.concatenate([positions, np.resize(order, self.batch_size - len(positions))])
+        return positions, mask
 
     def _order(self, epoch: int) -> np.ndarray:
         order = self._orders.get(epoch)
@@ -246,23 +264,25 @@ class _AugmentedBatch(grain.transforms.RandomMap):
     def __init__(self, cached: _CachedRows, preprocessor: Preprocessor, settings: augment.Settings):
         self.cached, self.settings, self.output = cached, settings, _output_size(preprocessor)
 
-    def random_map(self, positions: np.ndarray, rng: np.random.Generator) -> dict:
+    def random_map(self, element: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> dict:
+        positions, mask = element
         images, sizes = self.cached.images(), self.cached.sizes[positions]
         batch = np.empty((len(positions), *self.output, 3), np.uint8)
         for slot, params in enumerate(augment.sample_batch(rng, sizes, self.settings)):
             augment.apply(images[self.cached.rows[positions[slot]]], params, tuple(sizes[slot]), self.output,
                           gray=self.cached.gray, out=batch[slot])
-        return self.cached.batch(positions, batch)
+        return self.cached.batch(positions, mask, batch)
 
 
 class _PlainBatch(grain.transforms.Map):
     def __init__(self, cached: _CachedRows, preprocessor: Preprocessor):
         self.cached, self.preprocessor, self.output = cached, preprocessor, _output_size(preprocessor)
 
-    def map(self, positions: np.ndarray) -> dict:
+    def map(self, element: tuple[np.ndarray, np.ndarray]) -> dict:
+        positions, mask = element
         images, sizes = self.cached.images(), self.cached.sizes[positions]
         batch = np.empty((len(positions), *self.output, 3), np.uint8)
         for slot, position in enumerate(positions):
             batch[slot] = eval_view(images[self.cached.rows[position]], sizes[slot], self.preprocessor, self.output,
                                     self.cached.model_ready, gray=self.cached.gray)
-        return self.cached.batch(positions, batch)
+        return self.cached.batch(positions, mask, batch)

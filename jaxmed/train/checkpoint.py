@@ -24,11 +24,36 @@ def workdir_path(workdir) -> epath.Path:
     return epath.Path(text) if "://" in text else epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
+def resolve_best_mode(best_metric: str, best_mode: str = "") -> str:
+    """"max" or "min" for `best_metric`: as TrainingArguments sets greater_is_better (transformers 5.23,
+    `not metric_for_best_model.endswith("loss")`) when the mode is left empty; a mode that contradicts the metric
+    (a loss maximised, a score minimised) is an error, not the worst checkpoint kept."""
+    implied = "min" if best_metric.endswith("loss") else "max"
+    if not best_mode:
+        return implied
+    if best_mode not in ("min", "max"):
+        raise JaxmedError(f"train.best_mode={best_mode!r}: choose max, min, or leave it empty to follow "
+                          f"train.best_metric")
+    if best_mode != implied:
+        raise JaxmedError(f"train.best_mode={best_mode!r} contradicts train.best_metric={best_metric!r} (a loss is "
+                          f"minimised, a score maximised): set train.best_mode={implied!r} or leave it empty")
+    return best_mode
+
+
+def _best_key(best_metric: str, best_mode: str):
+    """Sort key of orbax's BestN and best_step() (ascending quality; `reverse` for min): the metric, then the earlier
+    step — of equal values the first is best, as the HF Trainer's strict `np.greater`/`np.less` in
+    _determine_best_metric keeps it (orbax's stable sort alone would keep the last)."""
+    sign = -1 if best_mode == "max" else 1
+    return lambda metrics: (metrics[best_metric], sign * metrics.get("step", 0))
+
+
 class Checkpoints:
-    def __init__(self, workdir, *, keep_best: int = 1, best_metric: str = "accuracy", best_mode: str = "max",
+    def __init__(self, workdir, *, keep_best: int = 1, best_metric: str = "accuracy", best_mode: str = "",
                  keep_latest: int = 2, async_saves: bool = True):
         root = self.root = workdir_path(workdir)
         self.best_metric = best_metric
+        best_mode = self.best_mode = resolve_best_mode(best_metric, best_mode)
         self.latest = ocp.CheckpointManager(
             root / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest, enable_async_checkpointing=async_saves,
@@ -37,7 +62,7 @@ class Checkpoints:
                            "meta": ocp.JsonCheckpointHandler()})
         self.best = ocp.CheckpointManager(
             root / "best",
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep_best, best_fn=lambda m: m[best_metric],
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep_best, best_fn=_best_key(best_metric, best_mode),
                                                  best_mode=best_mode, keep_checkpoints_without_metrics=False,
                                                  enable_async_checkpointing=async_saves,
                                                  cleanup_tmp_directories=True),
@@ -59,7 +84,7 @@ class Checkpoints:
     def save_best(self, step: int, weights, meta: dict, metrics: dict) -> None:
         self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(weights),
                                                      meta=ocp.args.JsonSave(meta)),
-                       metrics={k: float(v) for k, v in metrics.items()})
+                       metrics={**{k: float(v) for k, v in metrics.items()}, "step": step})
         self.best.check_for_errors()
 
     def latest_step(self) -> int | None:

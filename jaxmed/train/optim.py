@@ -7,6 +7,7 @@ then everything); each phase starts a fresh optimizer, as a new HF Trainer would
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -95,8 +96,11 @@ def trainable_mask(params: nnx.State, patterns: tuple[str, ...]):
 
 
 def schedule(optim_config, lr: float, total_steps: int) -> optax.Schedule:
-    """HF's get_{linear,cosine,constant}_schedule_with_warmup, in optimizer updates."""
-    warmup = int(optim_config.warmup_steps or round(optim_config.warmup_ratio * total_steps))
+    """HF's get_{linear,cosine,constant}_schedule_with_warmup, in optimizer updates.
+
+    Warmup as TrainingArguments.get_warmup_steps (transformers 5.23): the ratio's steps rounded up,
+    math.ceil(total · ratio) — 50 updates at ratio 0.05 warm up for 3, not round()'s 2."""
+    warmup = int(optim_config.warmup_steps or math.ceil(optim_config.warmup_ratio * total_steps))
     decay_steps = max(total_steps - warmup, 1)
     kind = optim_config.schedule
     if kind == "linear":

@@ -8,6 +8,8 @@ merged inside the jitted steps.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from pathlib import Path
 
 import jax
@@ -75,7 +77,7 @@ class Run:
     shardings: dict
     abstract: dict  # {"params", "stats"}: ShapeDtypeStructs of the weights
     layernorms: frozenset
-    steps_per_epoch: int
+    steps_per_epoch: int  # optimizer updates (a step is an update: train.grad_accumulation micro-batches)
     phases: list
     phase_steps: list  # global step at which each phase ends
     budget: str = ""  # how many steps, and why (logged when training starts)
@@ -104,38 +106,66 @@ def setup(config, workdir) -> Run:
     abstract.train()
     graph_train, params, stats, rest = _split(abstract)
     shardings = {"params": jmesh.tree_shardings(mesh, params), "stats": jmesh.tree_shardings(mesh, stats)}
-    train_split = dataset.splits["train"]
-    steps_per_epoch = jdata.steps_per_epoch(train_split, config.train.batch_size)
-    if config.train.steps:
-        plan = [dataclasses.replace(plan[0], epochs=config.train.steps / steps_per_epoch)]
+    micro_batches = jdata.steps_per_epoch(dataset.splits["train"], config.train.batch_size,
+                                          shards=config.data.shards or jax.process_count(),
+                                          drop_last=config.train.drop_last)
+    # the HF Trainer's num_update_steps_per_epoch: ceil(batches / gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(micro_batches / config.train.grad_accumulation)
     plan, budget = training_budget(plan, steps_per_epoch, config.train)
-    ends, total = [], 0
-    for phase in plan:
-        total += max(1, round(phase.epochs * steps_per_epoch))
-        ends.append(total)
+    ends = list(itertools.accumulate(phase_updates(phase, steps_per_epoch) for phase in plan))
     rest = jax.jit(lambda: _split(build_model(spec, dtype, config.seed))[3],
                    out_shardings=jmesh.replicated(mesh))()
     return Run(config, workdir, spec, dataset, preprocessor, mesh, graph_train, graph_eval, rest, shardings,
                {"params": params, "stats": stats}, layernorms, steps_per_epoch, plan, ends, budget)
 
 
+def phase_updates(phase, steps_per_epoch: int) -> int:
+    """A phase's optimizer updates, as the HF Trainer's max_steps = math.ceil(num_train_epochs ·
+    num_update_steps_per_epoch) (rounded first, so that 8/3 epochs of 3 updates are 8, not 9)."""
+    return max(1, math.ceil(round(phase.epochs * steps_per_epoch, 6)))
+
+
+def steps_over_phases(plan: list, steps: int, steps_per_epoch: int) -> tuple[list, str]:
+    """`train.steps` shared over the phases by their epochs (cumulative rounding, at least one each), so a short run
+    of a phased protocol still runs every phase; fewer steps than phases is an error, not a phase dropped."""
+    if steps < len(plan):
+        raise JaxmedError(f"train.steps={steps} is fewer than the {len(plan)} phases "
+                          f"({', '.join(phase.name for phase in plan)}): give each phase at least one step")
+    epochs = [phase.epochs for phase in plan]
+    ends, previous = [], 0
+    for index, cumulative in enumerate(itertools.accumulate(epochs)):
+        end = round(steps * cumulative / sum(epochs))
+        end = min(max(end, previous + 1), steps - (len(plan) - 1 - index))
+        ends.append(end)
+        previous = end
+    counts = [end - start for start, end in zip([0] + ends, ends)]
+    shared = [dataclasses.replace(phase, epochs=count / steps_per_epoch) for phase, count in zip(plan, counts)]
+    if len(plan) == 1:
+        return shared, f"train.steps={steps} steps"
+    return shared, (f"train.steps={steps} steps over the phases by their epochs ("
+                    + ", ".join(f"{phase.name} {count}" for phase, count in zip(plan, counts)) + ")")
+
+
 def training_budget(plan: list, steps_per_epoch: int, train_config) -> tuple[list, str]:
-    """The phases stretched to at least `train.min_steps` optimiser steps, and a sentence saying why the budget is
-    what it is. A small dataset's epochs are a handful of steps, too few to learn from scratch: then the steps
-    count, not the epochs (early stopping on val ends the run once it stops improving)."""
-    steps = sum(max(1, round(phase.epochs * steps_per_epoch)) for phase in plan)
+    """The phases stretched to at least `train.min_steps` optimiser steps (or fitted to `train.steps`), and a
+    sentence saying why the budget is what it is. A small dataset's epochs are a handful of steps, too few to learn
+    from scratch: then the steps count, not the epochs (early stopping on val ends the run once it stops
+    improving). Every count here is of optimizer updates, as the HF Trainer's max_steps."""
+    stopping = (f"; stopping a phase early after {train_config.early_stopping_patience} validations without a "
+                f"better {train_config.best_metric}" if train_config.early_stopping_patience else "")
+    if train_config.steps:
+        plan, budget = steps_over_phases(plan, train_config.steps, steps_per_epoch)
+        return plan, budget + stopping
+    steps = sum(phase_updates(phase, steps_per_epoch) for phase in plan)
     epochs = sum(phase.epochs for phase in plan)
     budget = (f"{epochs:g} epochs of {steps_per_epoch} steps (batch {train_config.batch_size}) = {steps} steps")
     minimum = train_config.min_steps
-    if minimum and steps < minimum and not train_config.steps:
+    if minimum and steps < minimum:
         scale = minimum / steps
         plan = [dataclasses.replace(phase, epochs=phase.epochs * scale) for phase in plan]
         budget += (f", fewer than train.min_steps={minimum}: training {minimum} steps "
                    f"({epochs * scale:.1f} epochs) instead")
-    if train_config.early_stopping_patience:
-        budget += (f"; stopping early after {train_config.early_stopping_patience} validations without a better "
-                   f"{train_config.best_metric}")
-    return plan, budget
+    return plan, budget + stopping
 
 
 def _check_reconstruction_phases(plan, model, model_type: str) -> None:
@@ -158,10 +188,8 @@ def phase_index(run: Run, step: int) -> int:
 
 def optimizer(run: Run, index: int, params):
     start = run.phase_steps[index - 1] if index else 0
-    accumulation = run.config.train.grad_accumulation
-    updates = max(1, (run.phase_steps[index] - start) // accumulation)
-    return optim.make_optimizer(run.config.optim, run.phases[index], updates, params,
-                                run.spec.hf_config.model_type, run.layernorms, accumulation)
+    return optim.make_optimizer(run.config.optim, run.phases[index], run.phase_steps[index] - start, params,
+                                run.spec.hf_config.model_type, run.layernorms, run.config.train.grad_accumulation)
 
 
 def init_state(run: Run, phase: int):

@@ -58,8 +58,14 @@ def step_function(graph, rest, tx, normalize, *, seed: int, label_smoothing: flo
             if objective == "reconstruction":
                 return model.reconstruction_loss(pixels, layer), ({}, nnx.state(model, nnx.BatchStat))
             logits = model(pixels)
-            loss = cross_entropy(logits, batch["label"], smoothing=label_smoothing, class_weights=class_weights)
-            accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+            # an epoch's last, partial batch comes padded to the full shape: the mean is over its real images, as
+            # the HF Trainer's shorter last batch gives it (BatchNorm's batch statistics still see the padding,
+            # copies of the epoch's first images)
+            mask = batch["mask"].astype(jnp.float32) if "mask" in batch else None
+            loss = cross_entropy(logits, batch["label"], smoothing=label_smoothing, class_weights=class_weights,
+                                 mask=mask)
+            correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+            accuracy = jnp.mean(correct) if mask is None else jnp.sum(correct * mask) / jnp.maximum(mask.sum(), 1)
             return loss, ({"accuracy": accuracy}, nnx.state(model, nnx.BatchStat))
 
         (loss, (extra, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
