@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.folds = 0  # K > 1: K-fold cross-validation of train+val into W/fold_<k>/ and W/cv/ (crossval.py)
     config.train.evaluate_test = True  # at the end, evaluate the best checkpoint on the test split
     config.train.async_checkpoints = True
+    config.train.resume = "check"  # rerunning a workdir whose saved config differs in a results-changing key is an
+    #                                error; "ignore_changes": resume anyway, recorded in W/config_history.json
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adamw"  # adamw | sgd
