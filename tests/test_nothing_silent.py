@@ -107,3 +107,34 @@ def test_workdir_without_config_says_what_to_do_or_resumes_the_stored_config(tmp
     workdir = tmp_path / "old"
     _saved_run(workdir)
     assert _stored_config(workdir).optim.lr == 0.001
+
+
+NO_ACCOUNT_GCLOUD = """#!/bin/sh
+echo "$@" >> "$GCLOUD_CALLS"
+echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) You do not currently have an active account selected." >&2
+exit 1
+"""
+
+
+def _tpu(tmp_path, *argv):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "gcloud").write_text(NO_ACCOUNT_GCLOUD)
+    (bin_dir / "gcloud").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXMED_TPU_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", GCLOUD_CALLS=str(tmp_path / "calls"))
+    return subprocess.run([sys.executable, str(ROOT / "launch/tpu.py"), *argv, "--project", "p", "--zone", "z",
+                           "--name", "t"], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_tpu_status_without_a_gcloud_account_fails_with_gclouds_words(tmp_path):
+    done = _tpu(tmp_path, "status")
+    assert done.returncode != 0 and "NOT_FOUND" not in done.stdout
+    assert "You do not currently have an active account selected" in done.stderr
+
+
+def test_tpu_dry_run_is_accepted_before_the_subcommand(tmp_path):
+    done = _tpu(tmp_path, "--dry-run", "status")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("gcloud compute tpus tpu-vm describe t")
+    assert not (tmp_path / "calls").exists()  # printed, not run
