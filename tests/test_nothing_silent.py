@@ -138,3 +138,38 @@ def test_tpu_dry_run_is_accepted_before_the_subcommand(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("gcloud compute tpus tpu-vm describe t")
     assert not (tmp_path / "calls").exists()  # printed, not run
+
+
+def test_training_curves_are_readable_at_the_report_pages_width(tmp_path):
+    from PIL import Image
+
+    from jaxmed.evaluate import figures
+
+    rows = [{"step": step, "train/loss": 1 / step, "train/accuracy": 0.5, "train/lr": 1e-3 / step}
+            for step in range(1, 21)]
+    rows += [{"step": step, "val/loss": 1 / step, "val/accuracy": 0.6, "val/recall/a": 0.5, "val/recall/b": 0.7}
+             for step in (10, 20)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    figures.training_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+    width, height = Image.open(tmp_path / "curves.png").size
+    assert 1150 * height / width >= 500, (width, height)  # its height where report.html caps figures at 1150 px
+
+
+def test_the_conversion_demo_has_its_own_workdir():
+    from jaxmed import demo
+
+    assert demo.parser().parse_args([]).workdir != Path("runs/demo")  # the training demo's (make demo)
+
+
+def test_make_demo_runs_exactly_the_readmes_command():
+    """`make demo` = the README's printed command (with the venv's python), in the user's own environment: no
+    simulated devices added, since the best checkpoint and the test predictions depend on the device count."""
+    makefile = (ROOT / "Makefile").read_text()
+    lines = makefile.splitlines()
+    recipe = lines[next(i for i, line in enumerate(lines) if line.startswith("demo:")) + 1].strip()
+    assert recipe.startswith("$(PY) -m jaxmed.main ")
+    command = "python" + recipe.removeprefix("$(PY)")
+    readme = (ROOT / "README.md").read_text()
+    assert f"{command}       # = make demo" in readme
+    assert not any(line.startswith("export XLA_FLAGS") for line in lines)  # only the test target sets devices
+    assert "test: export XLA_FLAGS ?= --xla_force_host_platform_device_count=8" in lines
