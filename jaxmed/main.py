@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
                                           lock_config=True)
+_NO_CONFIG = ("--config is required unless {workdir} is an existing run (then it resumes with its stored config.json): "
+              "add --config configs/demo.py (or another configs/*.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, reports; reused to resume")
 
 
@@ -21,6 +24,9 @@ def main(argv) -> int:
     setup_logging()
     if _WORKDIR.value is None:
         print("error: --workdir is required (where checkpoints, metrics and reports go)", file=sys.stderr)
+        return 2
+    if _CONFIG.value is None and "://" not in _WORKDIR.value and not (Path(_WORKDIR.value) / "config.json").exists():
+        print(f"error: {_NO_CONFIG.format(workdir=_WORKDIR.value)}", file=sys.stderr)  # before jax's start-up
         return 2
     try:
         maybe_initialize_distributed()
@@ -61,8 +67,7 @@ def _stored_config(workdir):
     from jaxmed.errors import JaxmedError
 
     if not (workdir / "config.json").exists():
-        raise JaxmedError(f"--config is required unless {workdir} is an existing run (then it resumes with its stored "
-                          "config.json): add --config configs/demo.py (or another configs/*.py)")
+        raise JaxmedError(_NO_CONFIG.format(workdir=workdir))
     return load_run_config(workdir)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmed.cli import OneLineParser, run_command
+from jaxmed.cli import OneLineParser, data_overrides, run_command
 from jaxmed.data import decode
 from jaxmed.errors import JaxmedError
 
@@ -56,7 +56,7 @@ class Predictor:
 
 
 def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", color: bool = False,
-                   batch_size: int | None = None) -> Predictor:
+                   batch_size: int | None = None, data_arguments=()) -> Predictor:
     from jaxmed.convert import hub
     from jaxmed.data import cache
     from jaxmed.data.preprocess import Preprocessor
@@ -69,11 +69,18 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
 
         directory = workdir_path(workdir)
         config = load_run_config(directory)  # "no config.json …: is this a jaxmed run directory?"
+        overrides = data_overrides(data_arguments, config.data)  # --config.data.KEY=VALUE: what differs now
+        config.data.update(overrides)
         stored = _stored_with(directory)
         model, source = export.load_trained(directory, checkpoint, dtype=jnp.dtype(config.model.dtype))
         grayscale, frame = bool(config.data.grayscale), int(config.data.get("dicom_frame", -1))
         origin, batch_size = {"checkpoint": f"{directory} {source}"}, batch_size or config.train.eval_batch_size
+        if overrides:
+            origin["data_overrides"] = overrides
     else:
+        if data_arguments:
+            raise JaxmedError(f"{data_arguments[0]}: --config.data.* is for --workdir (a run's config); an exported "
+                              "directory has none")
         directory = Path(model_dir).expanduser()
         if not directory.is_dir():  # hub.resolve would try the internet for a name that looks like a hub id
             raise JaxmedError(f"--model {model_dir}: no such directory; pass a folder written by "
@@ -369,7 +376,7 @@ def main(argv=None) -> int:
     parser.add_argument("--strict", action="store_true", help="any unreadable input is an error (exit 2)")
     parser.add_argument("--batch-size", type=int, default=0, metavar="B",
                         help="images per device step; default: the run's train.eval_batch_size, else 64")
-    return run_command(parser, argv, run)
+    return run_command(parser, argv, run, config_data=True)
 
 
 def run(args) -> dict:
@@ -392,7 +399,8 @@ def run(args) -> dict:
     if args.strict and skipped:
         raise JaxmedError(_unreadable_message(skipped))
     predictor = load_predictor(workdir=args.workdir, model_dir=args.model, checkpoint=args.checkpoint or "best",
-                               color=args.color, batch_size=args.batch_size or None)
+                               color=args.color, batch_size=args.batch_size or None,
+                               data_arguments=getattr(args, "config_data", ()))
     log.info("%d files to predict%s", len(files), f" ({ignored} non-image files in the folders ignored)"
              if ignored else "")
     result = predict_files(predictor, files, skipped=skipped, strict=args.strict, keep_images=args.explain)

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from jaxmed.errors import JaxmedError
 
-READ_BY = {  # data key (a section stands for all its keys) → the formats whose source reads it
-    "root": ("imagefolder", "hf", "npz", "tfds"),
-    "class_names": ("npz",),  # the other sources carry their own class names
-    "dicom_frame": ("imagefolder",),  # the only source of DICOM files
-    "synthetic": ("synthetic",),
+FORMATS = ("imagefolder", "hf", "npz", "tfds", "synthetic")  # the built-in sources, in the order fixes suggest them
+IGNORED_BY = {  # data key (a section stands for all its keys) → the formats whose source does not read it
+    "root": ("synthetic",),  # the phantoms are generated, not read
+    "class_names": ("imagefolder", "hf", "tfds", "synthetic"),  # they carry their own names; npz has none
+    "dicom_frame": ("hf", "npz", "tfds", "synthetic"),  # only folders hold DICOM files
+    "synthetic": ("imagefolder", "hf", "npz", "tfds"),
 }
+
+
+def readers(key: str) -> tuple[str, ...] | None:
+    """The built-in formats that read `key` (dotted, under data); None: every format reads it."""
+    ignored = IGNORED_BY.get(key, IGNORED_BY.get(key.split(".")[0]))
+    return None if ignored is None else tuple(f for f in FORMATS if f not in ignored)
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -42,17 +49,17 @@ def unread_keys(data, file_data=None) -> list[tuple[str, object, tuple]]:
     from_file = _flat(file_data) if file_data is not None else {}
     unread = []
     for key, value in values.items():
-        readers = READ_BY.get(key, READ_BY.get(key.split(".")[0]))
-        if readers is None or data.format in readers or _normal(value) == _normal(defaults.get(key)):
+        ignored = IGNORED_BY.get(key) or IGNORED_BY.get(key.split(".")[0], ())
+        if data.format not in ignored or _normal(value) == _normal(defaults.get(key)):
             continue
-        if key in from_file and _normal(from_file[key]) == _normal(value) and file_data.format in readers:
+        if key in from_file and _normal(from_file[key]) == _normal(value) and file_data.format not in ignored:
             continue
-        unread.append((key, value, readers))
+        unread.append((key, value, readers(key)))
     return unread
 
 
 def check_read_keys(data, file_data=None) -> None:
     """A JaxmedError naming the first key the chosen source would ignore, and the fix."""
-    for key, value, readers in unread_keys(data, file_data):
+    for key, value, formats in unread_keys(data, file_data):
         raise JaxmedError(f"data.{key}={value!r} is not read by data.format={data.format!r} (only by "
-                          f"{', '.join(readers)}): add --config.data.format={readers[0]} to use it, or drop it")
+                          f"{', '.join(formats)}): add --config.data.format={formats[0]} to use it, or drop it")
