@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 
 from jaxmed.errors import JaxmedError
 
@@ -27,6 +28,7 @@ FREE = {  # keys (a section stands for all its keys) that may change on resume, 
 }
 RESUME_MODES = ("check", "ignore_changes")
 HISTORY = "config_history.json"
+log = logging.getLogger("jaxmed.train")
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -87,3 +89,5 @@ def check_resume(config, workdir) -> None:
                     "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "changed": {key: {"old": old, "new": new} for key, (old, new) in changed.items()}})
     path.write_text(json.dumps(history, indent=1) + "\n")
+    log.warning("resuming %s (%s) with a changed config, recorded in %s: %s", workdir, where, path,
+                "; ".join(f"{key}: {old!r} → {new!r}" for key, (old, new) in changed.items()))

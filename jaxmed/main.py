@@ -39,7 +39,8 @@ def main(argv) -> int:
         workdir = workdir_path(_WORKDIR.value)  # local or gs://…
         config = _CONFIG.value if _CONFIG.value is not None else _stored_config(workdir)
         if _CONFIG.value is not None:  # a stored config was checked when its run started
-            check_read_keys(config.data, _file_config(sys.argv).data)
+            file_config = _file_config(sys.argv)
+            check_read_keys(config.data, file_config.data if file_config is not None else None)
         config_history.check_resume(config, workdir)
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,7 @@ def train(config, workdir, run: Run | None = None) -> dict:
                 _write_summary(run, session, step)
                 print(f"{'interrupted' if preemption.requested == 'SIGINT' else 'preempted'} at step {step}: saved "
                       f"{workdir}/checkpoints/{step}; run the same command again to resume", flush=True)
-                return {"preempted_at": step, "signal": preemption.requested}
+                return {"preempted_at": step, **({"signal": "SIGINT"} if preemption.requested == "SIGINT" else {})}
     bar.close()
     checkpoints.close()
     writer.close()
