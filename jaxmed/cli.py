@@ -17,10 +17,18 @@ class OneLineParser(argparse.ArgumentParser):
         raise JaxmedError(f"{message} (see {self.prog} --help)")
 
 
-def run_command(parser: argparse.ArgumentParser, argv, work) -> int:
-    """Parse `argv`, set up logging, print `work(args)`'s summary as JSON; 0, or 2 with one line for bad input."""
+def run_command(parser: argparse.ArgumentParser, argv, work, config_data: bool = False) -> int:
+    """Parse `argv`, set up logging, print `work(args)`'s summary as JSON; 0, or 2 with one line for bad input.
+    `config_data`: also take `--config.data.KEY=VALUE` arguments, as `args.config_data` (see `data_overrides`)."""
     try:
-        args = parser.parse_args(argv)
+        if config_data:
+            args, extra = parser.parse_known_args(argv)
+            unknown = [argument for argument in extra if not argument.startswith("--config.")]
+            if unknown:
+                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            args.config_data = extra
+        else:
+            args = parser.parse_args(argv)
     except SystemExit as stop:  # --help
         return int(stop.code or 0)
     except JaxmedError as error:
@@ -36,3 +44,53 @@ def run_command(parser: argparse.ArgumentParser, argv, work) -> int:
         return 2
     print(json.dumps(summary), flush=True)
     return 0
+
+
+def data_overrides(extra: list[str], data) -> dict:
+    """`--config.data.KEY=VALUE` arguments (where the data lives now, after a move) → {KEY: value of KEY's type}.
+
+    Only data keys: the trained run's other keys describe the model it is and cannot change after training."""
+    overrides = {}
+    for argument in extra:
+        key, equals, text = argument.partition("=")
+        if not key.startswith("--config."):
+            raise JaxmedError(f"unrecognized argument {argument} (see --help)")
+        name = key.removeprefix("--config.data.")
+        if not key.startswith("--config.data.") or not equals:
+            raise JaxmedError(f"{argument}: only --config.data.KEY=VALUE may differ from the run's config (where "
+                              "the data lives now); the other keys describe the trained model")
+        if name not in data or hasattr(data[name], "keys"):
+            raise JaxmedError(f"unknown data key {key}; valid keys: {', '.join(sorted(data.keys()))}")
+        overrides[name] = _typed(text, data[name], key)
+    return overrides
+
+
+def check_read_by_source(overrides: dict, data) -> None:
+    """Data overrides for reading the run's data again (evaluate): each must be one its data.format reads."""
+    from jaxmed.data.source_keys import IGNORED_BY, readers
+
+    if not overrides:
+        return
+    data_format = overrides.get("format", data.format)
+    for name in overrides:
+        if data_format in IGNORED_BY.get(name, ()):
+            raise JaxmedError(f"--config.data.{name}: the run's data.format={data_format!r} does not read it (only "
+                              f"{', '.join(readers(name))} do)")
+
+
+def _typed(text: str, current, key: str):
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise JaxmedError(f"{key}={text}: expected true or false")
+        return text.lower() in ("true", "1")
+    try:
+        if isinstance(current, (int, float)):
+            return type(current)(text)
+        if isinstance(current, (list, tuple)):
+            value = json.loads(text)
+            if not isinstance(value, list):
+                raise ValueError("not a list")
+            return tuple(value)
+    except ValueError:
+        raise JaxmedError(f"{key}={text}: expected a {type(current).__name__} like {current!r}") from None
+    return text

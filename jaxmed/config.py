@@ -57,6 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.mlflow = ml_collections.ConfigDict()
     config.train.mlflow.tracking_uri = ""  # empty: MLFLOW_TRACKING_URI, else a file store in W/mlruns
     config.train.mlflow.experiment = "jaxmed"
+    config.train.resume = "check"  # rerunning a workdir whose saved config differs in a results-changing key is an
+    #                                error; "ignore_changes": resume anyway, recorded in W/config_history.json
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adamw"  # adamw | sgd

@@ -54,7 +54,7 @@ def cross_validate(config, workdir) -> dict:
             (fold_dir / "config.json").write_text(folded.to_json_best_effort(indent=2) + "\n")
         result = experiment.train_and_evaluate(folded, fold_dir)
         if "preempted_at" in result:
-            return {"preempted_at": result["preempted_at"], "fold": fold}
+            return {**result, "fold": fold}  # preempted_at, and the signal
     summary = summarise(workdir, folds, config.eval)
     return {"folds": folds, "summary": str(workdir / "cv" / "summary.json"),
             **{f"{name}_mean": summary["metrics"][name]["mean"] for name in ("accuracy", "balanced_accuracy")}}

@@ -1,6 +1,6 @@
 """Offline demo of the HF ⇄ jaxmed round trip: HF PyTorch model → jaxmed → logits parity → HF directory again.
 
-    python -m jaxmed.demo --workdir runs/demo
+    python -m jaxmed.demo [--workdir runs/hf_roundtrip]
 
 Needs no hub and no GPU: it builds random-init HF models (the same files a hub download gives) in the workdir.
 """
@@ -79,10 +79,16 @@ def run(workdir: Path) -> dict:
     return results
 
 
+def parser() -> argparse.ArgumentParser:
+    result = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # not runs/demo: that is the training demo's run (make demo), which ~200 MB of random models would clutter
+    result.add_argument("--workdir", type=Path, default=Path("runs/hf_roundtrip"),
+                        help="where the random-init HF models and their exports go (default runs/hf_roundtrip)")
+    return result
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         results = run(args.workdir)

@@ -31,10 +31,10 @@ def load_trained(workdir, which: str = "best", *, dtype=None):
     from jaxmed.models import MODELS
     from jaxmed.models.layers import Static
     from jaxmed.train.checkpoint import Checkpoints, workdir_path
+    from jaxmed.workdirs import check_trained
 
     workdir = workdir_path(workdir)
-    if not ((workdir / "checkpoints").exists() or (workdir / "best").exists()):
-        raise JaxmedError(f"no checkpoints in {workdir}: pass the --workdir a jaxmed.main run trained into")
+    check_trained(workdir)  # also: a cross-validation parent names its fold runs
     checkpoints = Checkpoints(workdir, async_saves=False)
     try:
         flat, meta, source = checkpoints.restore_flat_weights(which)
@@ -104,23 +104,24 @@ def _copy_ood_detectors(workdir, out, source: str) -> None:
 
 
 def main(argv=None) -> int:
-    import argparse
+    from jaxmed.cli import OneLineParser, run_command
 
-    parser = argparse.ArgumentParser(prog="python -m jaxmed.export", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m jaxmed.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="the run directory given to jaxmed.main")
     parser.add_argument("--out", required=True, help="directory to write the HF model into")
     parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
-    args = parser.parse_args(argv)
-    from jaxmed.distributed import setup_logging
+    parser.add_argument("--overwrite", action="store_true", help="replace the model files in an existing --out")
+    return run_command(parser, argv, _export)
 
-    setup_logging()
-    try:
-        path = export(args.workdir, args.out, args.checkpoint)
-    except JaxmedError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps({"out": str(path)}), flush=True)
-    return 0
+
+def _export(args) -> dict:
+    from pathlib import Path
+
+    out = Path(args.out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise JaxmedError(f"--out {out} exists and is not empty: choose another --out, or add --overwrite to "
+                          "replace its model files")
+    return {"out": str(export(args.workdir, args.out, args.checkpoint))}
 
 
 if __name__ == "__main__":

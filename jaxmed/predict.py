@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import csv
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -33,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmed.cli import OneLineParser, run_command
+from jaxmed.cli import OneLineParser, data_overrides, run_command
 from jaxmed.data import decode, nifti
 from jaxmed.errors import JaxmedError
+from jaxmed.predict_outputs import write_outputs
 
 log = logging.getLogger("jaxmed.predict")
 PROGRESS_ABOVE = 200  # images; fewer finish before a progress bar would say anything
@@ -62,7 +61,7 @@ class Predictor:
 
 
 def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", color: bool = False,
-                   batch_size: int | None = None) -> Predictor:
+                   batch_size: int | None = None, data_arguments=()) -> Predictor:
     from jaxmed.convert import hub
     from jaxmed.data import cache
     from jaxmed.data.preprocess import Preprocessor
@@ -76,12 +75,19 @@ def load_predictor(*, workdir=None, model_dir=None, checkpoint: str = "best", co
 
         directory = workdir_path(workdir)
         config = load_run_config(directory)  # "no config.json …: is this a jaxmed run directory?"
+        overrides = data_overrides(data_arguments, config.data)  # --config.data.KEY=VALUE: what differs now
+        config.data.update(overrides)
         stored = _stored_with(directory)
         model, source = export.load_trained(directory, checkpoint, dtype=jnp.dtype(config.model.dtype))
         grayscale, frame = bool(config.data.grayscale), int(config.data.get("dicom_frame", -1))
         volumes = nifti.VolumeSettings.from_config(config.data)
         origin, batch_size = {"checkpoint": f"{directory} {source}"}, batch_size or config.train.eval_batch_size
+        if overrides:
+            origin["data_overrides"] = overrides
     else:
+        if data_arguments:
+            raise JaxmedError(f"{data_arguments[0]}: --config.data.* is for --workdir (a run's config); an exported "
+                              "directory has none")
         directory = Path(model_dir).expanduser()
         if not directory.is_dir():  # hub.resolve would try the internet for a name that looks like a hub id
             raise JaxmedError(f"--model {model_dir}: no such directory; pass a folder written by "
@@ -340,72 +346,6 @@ def _unreadable_message(skipped) -> str:
     return f"--strict: unreadable input {listing}{more}"
 
 
-def write_outputs(out: Path, predictor: Predictor, result: Predictions, ignored: int) -> dict:
-    """predictions.csv and skipped.csv; returns the summary (the caller adds to it and writes summary.json)."""
-    from jaxmed.evaluate import conformal
-
-    out.mkdir(parents=True, exist_ok=True)
-    names, flagged = predictor.class_names, result.flagged
-    header = ["path", "prediction", *(f"p_{name}" for name in names), *(["flagged"] if flagged is not None else []),
-              "temperature", "prediction_set"]
-    sets = ([""] * len(result.paths) if result.prediction_sets is None
-            else conformal.set_labels(result.prediction_sets, names))
-    rows = [[path, names[int(np.argmax(row))], *(f"{p:.6g}" for p in row),  # report.write_predictions' format
-             *([bool(flagged[index])] if flagged is not None else []), f"{predictor.temperature:g}", sets[index]]
-            for index, (path, row) in enumerate(zip(result.paths, result.probabilities))]
-    header, rows = _with_ood_columns(header, rows, result)
-    _write_csv(out / "predictions.csv", header, rows)
-    _write_csv(out / "skipped.csv", ["path", "reason"], result.skipped)
-    summary = {"predicted": len(result.paths), "skipped": len(result.skipped), "ignored_non_images": ignored,
-               "temperature": predictor.temperature,
-               "probabilities": ("softmax(logits / temperature), temperature from calibration.json"
-                                 if predictor.calibrated else "softmax(logits), uncalibrated"),
-               **predictor.origin, "class_names": names, "out": str(out)}
-    if result.flagged is not None:
-        summary.update(operating_point=predictor.operating_point, flagged=int(result.flagged.sum()))
-    summary.update(_ood_summary(predictor, result))
-    if result.prediction_sets is not None:
-        summary["conformal"] = conformal.stored_summary(predictor.conformal, result.prediction_sets)
-    if predictor.notes:
-        summary["notes"] = predictor.notes
-    return summary
-
-
-OOD_WARNING = "most of these images do not look like the training data: is this the right model?"
-OOD_WARNING_ABOVE = 0.25  # fraction of inputs out of distribution
-
-
-def _with_ood_columns(header: list, rows: list, result: Predictions) -> tuple[list, list]:
-    """ood_score (as evaluate's predictions.csv prints it) and out_of_distribution (true/false); empty cells when
-    the model has no detectors."""
-    if result.ood_scores is None:
-        return header + ["ood_score", "out_of_distribution"], [row + ["", ""] for row in rows]
-    return header + ["ood_score", "out_of_distribution"], [
-        row + [f"{score:.9g}", "true" if flag else "false"]
-        for row, score, flag in zip(rows, result.ood_scores, result.out_of_distribution)]
-
-
-def _ood_summary(predictor: Predictor, result: Predictions) -> dict:
-    """How many inputs are out of distribution, by which detector; the warning when that is most of them."""
-    if predictor.ood is None:
-        return {"out_of_distribution": None}
-    fitted, count = predictor.ood, int(np.sum(result.out_of_distribution)) if result.paths else 0
-    summary = {"out_of_distribution": count, "ood": {"method": fitted.method, "threshold": fitted.thresholds[
-        fitted.method], "keep": fitted.meta.get("keep"), "fitted_for": fitted.meta.get("checkpoint")}}
-    if result.paths and count > OOD_WARNING_ABOVE * len(result.paths):
-        summary["warning"] = f"{count} of {len(result.paths)} inputs are out of distribution: {OOD_WARNING}"
-        log.warning("%s", summary["warning"])
-    return summary
-
-
-def _write_csv(path: Path, header, rows) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    path.write_text(buffer.getvalue())
-
-
 def explain(predictor: Predictor, result: Predictions, out_dir: Path) -> list[Path]:
     """One overlay PNG per kept image: attention rollout for ViT, Grad-CAM of the predicted class otherwise."""
     from jaxmed.evaluate import explain as explainers
@@ -451,7 +391,7 @@ def main(argv=None) -> int:
     parser.add_argument("--strict", action="store_true", help="any unreadable input is an error (exit 2)")
     parser.add_argument("--batch-size", type=int, default=0, metavar="B",
                         help="images per device step; default: the run's train.eval_batch_size, else 64")
-    return run_command(parser, argv, run)
+    return run_command(parser, argv, run, config_data=True)
 
 
 def run(args) -> dict:
@@ -474,7 +414,8 @@ def run(args) -> dict:
     if args.strict and skipped:
         raise JaxmedError(_unreadable_message(skipped))
     predictor = load_predictor(workdir=args.workdir, model_dir=args.model, checkpoint=args.checkpoint or "best",
-                               color=args.color, batch_size=args.batch_size or None)
+                               color=args.color, batch_size=args.batch_size or None,
+                               data_arguments=getattr(args, "config_data", ()))
     log.info("%d files to predict%s", len(files), f" ({ignored} non-image files in the folders ignored)"
              if ignored else "")
     volume_count = sum(nifti.is_nifti_name(path.name) for path in files)

@@ -201,7 +201,13 @@ class Runner:
             print(shlex.join(argv), flush=True)
             return None
         done = subprocess.run(argv, capture_output=True, text=True)
-        return (done.stdout.strip() or None) if done.returncode == 0 else None
+        if done.returncode == 0:
+            return done.stdout.strip() or None
+        if "NOT_FOUND" in done.stderr:
+            return None
+        # no account, no permission, no such project...: gcloud's own words, not a resource that is "missing"
+        reason = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no message")
+        raise CommandFailed(f"{argv[0]} exited with {done.returncode}: {reason.strip()} ({shlex.join(argv)})")
 
     def note(self, text: str) -> None:
         print(f"# {text}" if self.dry_run else text, file=sys.stdout if self.dry_run else sys.stderr, flush=True)
@@ -330,6 +336,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Settings missing from flags are read from JAXMED_TPU_PROJECT, JAXMED_TPU_ZONE, JAXMED_TPU_NAME, "
                "JAXMED_TPU_ACCELERATOR and JAXMED_TPU_RUNTIME_VERSION.\nThe command for `run` and `up` follows "
                "`--`. Details: launch/README.md.")
+    # also before COMMAND (`launch/tpu.py --dry-run up ...`); its own dest, or the subcommand's default would win
+    parser.add_argument("--dry-run", dest="dry_run_anywhere", action="store_true", help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     for handler, parents, help_text in [
         (create, [common, queued, creation], "create the TPU VM (or queue a request and wait until it is active)"),
@@ -402,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:  # everything after -- is the command to run on the workers, untouched
         command, argv = argv[argv.index("--") + 1:], argv[:argv.index("--")]
     args = _parser().parse_args(argv)
+    args.dry_run = args.dry_run or args.dry_run_anywhere
     try:
         _resolve(args, command)
         args.handler(args, Runner(args.dry_run))

@@ -105,6 +105,9 @@ def load_run(workdir: Path, split: str, name: str) -> RunPredictions:
     """W/eval/<split>/predictions.csv and W/train_summary.json, with errors that say which run and what to do."""
     if not workdir.is_dir():
         raise JaxmedError(f"{workdir} is not a directory; pass the --workdir of finished jaxmed.main runs")
+    from jaxmed.workdirs import check_not_cv_parent, evaluate_advice
+
+    check_not_cv_parent(workdir)
     if not (workdir / "config.json").is_file():
         raise JaxmedError(f"{workdir} is not a jaxmed run (no config.json): pass the --workdir given to jaxmed.main")
     path = workdir / "eval" / split / "predictions.csv"
@@ -112,7 +115,7 @@ def load_run(workdir: Path, split: str, name: str) -> RunPredictions:
         evaluated = sorted(p.parent.name for p in (workdir / "eval").glob("*/predictions.csv"))
         has = f"it has predictions for {', '.join(evaluated)}" if evaluated else "it has no evaluation yet"
         raise JaxmedError(f"run {name} has no {split} predictions ({path} is missing; {has}); "
-                          f"python -m jaxmed.evaluate --workdir {workdir} --split {split} makes them")
+                          f"{evaluate_advice(workdir, split)}")
     ids, labels, probabilities, class_names = _read(path)
     return RunPredictions(name, workdir, ids, labels, probabilities, class_names,
                           _training_summary(workdir / "train_summary.json"), _conformal_summary(path.parent))

@@ -104,8 +104,13 @@ def training_curves(metrics_jsonl_path, path) -> None:
     if not panels:
         raise JaxmedError(f"{metrics_jsonl_path} has none of train/loss, val/loss, train/accuracy, val/accuracy, "
                           f"train/lr; it has {sorted(series)}")
-    fig = _figure(4.5 * len(panels), 3.8)
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    # two panels a row: report.html shows figures at most 1150 px wide, where four in a row were too small to read
+    columns = min(2, len(panels))
+    rows = -(-len(panels) // columns)
+    fig = _figure(6 * columns, 4.2 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     for ax, (title, keys, is_lr) in zip(axes, panels):
         for key in keys:
             steps, values = series[key]

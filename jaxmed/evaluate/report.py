@@ -27,10 +27,13 @@ from jaxmed.errors import JaxmedError
 log = logging.getLogger("jaxmed.evaluate")
 
 
-def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "best") -> dict:
-    """Predict `split_name` with a checkpoint (the best by validation unless told) and write everything."""
+def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "best", data_overrides=None) -> dict:
+    """Predict `split_name` with a checkpoint (the best by validation unless told) and write everything.
+    `data_overrides`: the data keys changed since training (e.g. the data moved), recorded in report.json."""
     if split_name not in run.dataset.splits:
-        raise JaxmedError(f"no {split_name!r} split in this dataset; it has {', '.join(run.dataset.splits)}")
+        others = [name for name in run.dataset.splits if name != "train"]
+        raise JaxmedError(f"no {split_name!r} split in this dataset; it has {', '.join(run.dataset.splits)}"
+                          + (f": use --split {others[0]}" if others else ""))
     flat, _, source = checkpoints.restore_flat_weights(which)
     params, stats = train.place_weights(run, flat)
     names, ec = run.dataset.class_names, run.config.eval
@@ -57,6 +60,8 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
     labels = split.labels[indices]
     report = metrics.classification_metrics(labels, probs, names, bootstrap=ec.bootstrap, seed=ec.seed)
     report.update(split=split_name, checkpoint=source)
+    if data_overrides:
+        report["data_overrides"] = dict(data_overrides)
     uncalibrated = calibration.apply_temperature(logits_of(split)[1], 1.0)
     report["calibration"] = {"temperature": temperature, "fitted_on": fitted_on, "applied": bool(fitted_on),
                              "before": calibration.calibration_metrics(labels, uncalibrated),
@@ -372,16 +377,20 @@ def _explanation_checks(run, out, split, indices, labels, model) -> dict | None:
     return result
 
 
-def evaluate_workdir(workdir, split: str = "test", which: str = "best") -> dict:
-    """The CLI's work: rebuild the run from W/config.json, then `evaluate_run`."""
+def evaluate_workdir(workdir, split: str = "test", which: str = "best", data_overrides=None) -> dict:
+    """The CLI's work: rebuild the run from W/config.json (with `data_overrides`: where the data lives now), then
+    `evaluate_run`."""
     from jaxmed.train.checkpoint import Checkpoints, workdir_path
+    from jaxmed.workdirs import check_trained
 
     workdir = workdir_path(workdir)
-    config = load_run_config(workdir)
+    config = load_run_config(workdir)  # "no config.json …: is this a jaxmed run directory?"
+    check_trained(workdir)
+    config.data.update(data_overrides or {})
     run = train.setup(config, workdir)
     checkpoints = Checkpoints.for_run(workdir, config.train)
     try:
-        return evaluate_run(run, checkpoints, train.make_eval_step(run), split, which)
+        return evaluate_run(run, checkpoints, train.make_eval_step(run), split, which, data_overrides)
     finally:
         checkpoints.close()
 
@@ -389,17 +398,26 @@ def evaluate_workdir(workdir, split: str = "test", which: str = "best") -> dict:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m jaxmed.evaluate", description=__doc__.split("\n\n")[0])
+    from jaxmed.cli import OneLineParser, check_read_by_source, data_overrides
+
+    parser = OneLineParser(prog="python -m jaxmed.evaluate", description=__doc__.split("\n\n")[0],
+                                     epilog="--config.data.KEY=VALUE: a data key that differs now, e.g. "
+                                     "--config.data.root=PATH after the data moved (recorded in report.json)")
     parser.add_argument("--workdir", required=True, help="the run directory given to jaxmed.main")
     parser.add_argument("--split", default="test", help="test (default) or val")
     parser.add_argument("--checkpoint", default="best", help="best (default), latest, or a step number")
-    args = parser.parse_args(argv)
     from jaxmed.distributed import maybe_initialize_distributed, setup_logging
 
-    setup_logging()
     try:
+        args, extra = parser.parse_known_args(argv)
+        setup_logging()
+        from jaxmed.train.checkpoint import workdir_path
+
+        stored = load_run_config(workdir_path(args.workdir)).data if extra else None
+        overrides = data_overrides(extra, stored) if extra else {}
+        check_read_by_source(overrides, stored)
         maybe_initialize_distributed()
-        report = evaluate_workdir(args.workdir, args.split, args.checkpoint)
+        report = evaluate_workdir(args.workdir, args.split, args.checkpoint, overrides)
     except JaxmedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import sys
 import time
 
 import jax
@@ -46,23 +48,32 @@ def validation_metrics(labels: np.ndarray, logits: np.ndarray, class_names: list
 
 
 class _Preemption:
-    """SIGTERM (spot VM reclaimed, scheduler eviction) → save at the next step and exit cleanly."""
+    """SIGTERM (spot VM reclaimed, scheduler eviction) or Ctrl-C (SIGINT) → save at the next step and exit cleanly;
+    a second Ctrl-C aborts at once (the last complete checkpoint stays)."""
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested = None  # the signal's name once one arrived
+        self._previous = {}
 
     def __enter__(self):
         if jax.process_count() == 1:  # multi-host: jax.distributed's preemption notifier + orbax sync instead
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested == "SIGINT" and signum == signal.SIGINT:
+            print("\nsecond Ctrl-C: aborted without saving; rerunning resumes from the last saved step",
+                  file=sys.stderr, flush=True)
+            os._exit(130)
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: saving at the current step (Ctrl-C again aborts without saving)", file=sys.stderr,
+                  flush=True)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def train(config, workdir, run: Run | None = None) -> dict:
@@ -199,9 +210,9 @@ def train(config, workdir, run: Run | None = None) -> dict:
                 bar.close()
                 writer.close()  # trackers flushed and finished: the resumed run continues them
                 _write_summary(run, session, step)
-                print(f"preempted at step {step}: saved {workdir}/checkpoints/{step}; run the same command "
-                      "again to resume", flush=True)
-                return {"preempted_at": step}
+                print(f"{'interrupted' if preemption.requested == 'SIGINT' else 'preempted'} at step {step}: saved "
+                      f"{workdir}/checkpoints/{step}; run the same command again to resume", flush=True)
+                return {"preempted_at": step, **({"signal": "SIGINT"} if preemption.requested == "SIGINT" else {})}
     bar.close()
     checkpoints.close()
     writer.close()
