@@ -58,9 +58,9 @@ def trained(tmp_path_factory):
     recorded = {}
     original = report.write_predictions
 
-    def recording(path, ids, labels, probabilities, class_names):  # the full-precision values behind the CSV
+    def recording(path, ids, labels, probabilities, class_names, **logits):  # the values behind the CSV
         recorded[Path(path).parent.name] = dict(zip(ids, np.asarray(probabilities)))
-        original(path, ids, labels, probabilities, class_names)
+        original(path, ids, labels, probabilities, class_names, **logits)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(report, "write_predictions", recording)

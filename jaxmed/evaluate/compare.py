@@ -338,10 +338,11 @@ def _read(path: Path):
     """predictions.csv → ids, labels, probabilities, class names; a damaged file is named, not a traceback."""
     with open(path, newline="") as handle:
         header = next(csv.reader(handle), [])
-    if header[:3] != ["id", "label", "prediction"] or len(header) < 5 or \
-            not all(column.startswith("p_") for column in header[3:]):
+    probability_columns = [column for column in header[3:] if column.startswith("p_")]
+    if header[:3] != ["id", "label", "prediction"] or len(probability_columns) < 2 or \
+            not all(column.startswith(("p_", "logit_")) for column in header[3:]):
         raise JaxmedError(f"{path} is not a predictions file written by jaxmed.evaluate (expected the columns id, "
-                          f"label, prediction, p_<class>…; got {', '.join(header[:6]) or 'nothing'})")
+                          f"label, prediction, p_<class>… [logit_<class>…]; got {', '.join(header[:6]) or 'nothing'})")
     try:
         ids, labels, probabilities, class_names = read_predictions(path)
     except (ValueError, IndexError) as error:
