@@ -299,7 +299,7 @@ def write_outputs(out: Path, predictor: Predictor, result: Predictions, ignored:
     names, flagged = predictor.class_names, result.flagged
     header = ["path", "prediction", *(f"p_{name}" for name in names), *(["flagged"] if flagged is not None else []),
               "temperature"]
-    rows = [[path, names[int(np.argmax(row))], *(f"{p:.6g}" for p in row),  # report.write_predictions' format
+    rows = [[path, names[int(np.argmax(row))], *(repr(float(p)) for p in row),  # report.write_predictions' format
              *([bool(flagged[index])] if flagged is not None else []), f"{predictor.temperature:g}"]
             for index, (path, row) in enumerate(zip(result.paths, result.probabilities))]
     _write_csv(out / "predictions.csv", header, rows)

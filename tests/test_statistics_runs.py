@@ -1,6 +1,7 @@
 """Cross-validation means and compare's paired statistics on run directories the tests write themselves."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -44,3 +45,105 @@ def test_cv_fold_means_leave_out_folds_without_the_class(tmp_path):
     assert summary["metrics"]["f1_macro"]["values"] == [1.0, 1.0, 1.0]  # the fold without it: macro over present
     assert summary["pooled"]["ci95_methods"]["f1_macro"]["unit"] == "patient"  # groups from the folds' splits.csv
     assert "rare is absent" in (tmp_path / "cv" / "summary.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------- paired tests
+
+from jaxmed.evaluate import compare, intervals, paired  # noqa: E402
+from statsmodels.stats.contingency_tables import mcnemar  # noqa: E402
+
+
+def test_delong_with_zero_variance_is_no_test():
+    # 4 images, A perfect, B constant: DeLong's variance is 0; it said "A is better (p < 0.001)" with [+50, +50].
+    labels = np.array([0, 0, 1, 1])
+    result = paired.delong(labels, np.array([0.1, 0.2, 0.8, 0.9]), np.full(4, 0.5))
+    assert result["pvalue"] is None and result["ci95"] is None and "variance estimate is 0" in result["no_test_reason"]
+    sentence = paired.verdict("A", "B", 50.0, None, None, 4, test="DeLong", reason=result["no_test_reason"])
+    assert "no test possible (DeLong's variance estimate is 0" in sentence and "better" not in sentence
+
+
+def test_accuracy_interval_agrees_with_the_exact_mcnemar_test():
+    # The review: 5 discordant of 1000 printed "+0.5 pp [+0.1, +1.0], McNemar p = 0.062: no evidence".
+    correct_a = np.r_[np.ones(5, bool), np.ones(900, bool), np.zeros(95, bool)]
+    correct_b = np.r_[np.zeros(5, bool), np.ones(900, bool), np.zeros(95, bool)]
+    test = paired.mcnemar_exact(correct_a, correct_b)
+    assert test["pvalue"] == pytest.approx(0.0625)
+    low, high = test["ci95"]
+    assert low < 0 < high
+    rng = np.random.default_rng(7)
+    disagreements = 0
+    for _ in range(2000):  # many tables, few to many discordant pairs: the interval and p agree on 0 every time
+        n = int(rng.integers(20, 2000))
+        b, c = (int(x) for x in rng.multinomial(n, [0.02 + 0.1 * rng.random(), 0.02 * rng.random(), 0])[:2])
+        p = 1.0 if b + c == 0 else mcnemar([[0, b], [c, 0]], exact=True).pvalue
+        low, high = intervals.paired_proportion_difference(b, c, n)
+        disagreements += (low > 0 or high < 0) != (p < 0.05)
+        assert high > low  # never collapses, not even with no discordant image
+    assert disagreements == 0
+
+
+def test_paired_accuracy_interval_covers_the_true_difference():
+    rng = np.random.default_rng(8)
+    draws, n, discordance, share = 400, 300, 0.08, 0.7  # true difference = 0.08 · (2 · 0.7 − 1) = 0.032
+    truth = discordance * (2 * share - 1)
+    covered = 0
+    for _ in range(draws):
+        b, c = (int(x) for x in rng.multinomial(n, [discordance * share, discordance * (1 - share), 1 - discordance])[:2])
+        low, high = intervals.paired_proportion_difference(b, c, n)
+        covered += low <= truth <= high
+    assert 0.95 - 3 * np.sqrt(0.95 * 0.05 / draws) <= covered / draws
+
+
+def test_holm_keeps_false_winners_rare_among_five_equal_runs(monkeypatch):
+    import gc
+
+    monkeypatch.setattr(gc, "collect", lambda *args: 0)  # multipletests collects garbage on every call: 0.1 s here
+    rng = np.random.default_rng(9)
+    simulations, raw_false, holm_false = 300, 0, 0
+    for _ in range(simulations):
+        correct = rng.random((5, 150)) < 0.8  # five equally good, independent runs
+        tests = [{"pvalue": paired.mcnemar_exact(correct[i], correct[j])["pvalue"]}
+                 for i in range(5) for j in range(i + 1, 5)]
+        compare.holm(tests)
+        raw_false += any(test["pvalue"] < 0.05 for test in tests)
+        holm_false += any(test["adjusted_pvalue"] < 0.05 for test in tests)
+    assert raw_false / simulations > 0.12  # the review measured 23.6% with its settings
+    assert holm_false / simulations <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / simulations)
+
+
+def _run(name, labels, correct):
+    predictions = np.where(correct, labels, 1 - labels)
+    return compare.RunPredictions(name, Path(name), [f"img{i}" for i in range(len(labels))], labels,
+                                  _probabilities(predictions, 2, 0.7), ["normal", "disease"], None)
+
+
+def test_compare_verdicts_use_holm_adjusted_p_values():
+    labels = np.arange(400) % 2
+    base = np.ones(400, bool)
+    base[:60] = False
+    better = base.copy()
+    better[:9] = True  # A right where B is wrong on 9 images …
+    better[100] = False  # … and wrong where B is right on 1: exact McNemar p = 0.021
+    runs = [_run("A", labels, better), _run("B", labels, base), _run("C", labels, base)]
+    result = compare.score(runs, split="test", resamples=50, seed=0)
+    first = result["pairs"][0]
+    assert first["accuracy_test"]["pvalue"] == pytest.approx(0.0215, abs=1e-3)
+    assert first["accuracy_test"]["adjusted_pvalue"] > 0.05
+    assert "Holm-adjusted" in first["verdict"] and "no evidence of a difference" in first["verdict"]
+    assert "not adjusted for the other pairs" in first["verdict"]
+    assert result["multiplicity"] == "Holm over the pairs"
+    two = compare.score(runs[:2], split="test", resamples=50, seed=0)
+    assert "A is better" in two["pairs"][0]["verdict"] and "adjusted_pvalue" not in two["pairs"][0]["accuracy_test"]
+
+
+def test_compare_with_patients_resamples_patients_and_says_so():
+    rng = np.random.default_rng(10)
+    groups = np.repeat(np.arange(60), 5)
+    labels = np.repeat(rng.integers(0, 2, 60), 5)
+    runs = [_run("A", labels, rng.random(300) < 0.85), _run("B", labels, rng.random(300) < 0.8)]
+    result = compare.score(runs, split="test", resamples=200, seed=0, groups=groups.astype(str))
+    pair = result["pairs"][0]
+    assert result["unit"] == "patient" and pair["paired_bootstrap"]["unit"] == "patient"
+    assert pair["accuracy_test"]["test"] == "patient bootstrap" and pair["auc_test"]["unit"] == "patient"
+    assert "McNemar assumes independent images" in compare.markdown(result)
+    assert result["runs"][0]["metrics"]["roc_auc_macro"]["unit"] == "patient"

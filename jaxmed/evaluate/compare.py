@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from jaxmed.errors import JaxmedError
-from jaxmed.evaluate import compare_figures, html, metrics, paired
-from jaxmed.evaluate.report import read_predictions
+from statsmodels.stats.multitest import multipletests
+
+from jaxmed.evaluate import compare_figures, html, intervals, metrics, paired
+from jaxmed.evaluate.report import read_groups, read_predictions
 
 log = logging.getLogger("jaxmed.compare")
 
@@ -62,7 +64,7 @@ def compare(workdirs, out, *, split: str = "test", names=None, resamples: int = 
     workdirs = [Path(w).expanduser() for w in workdirs]
     run_names = choose_names(workdirs, names)
     runs = align([load_run(workdir, split, name) for workdir, name in zip(workdirs, run_names)])
-    comparison = score(runs, split=split, resamples=resamples, seed=seed)
+    comparison = score(runs, split=split, resamples=resamples, seed=seed, groups=patient_groups(runs[0]))
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +119,14 @@ def load_run(workdir: Path, split: str, name: str) -> RunPredictions:
                           _training_summary(workdir / "train_summary.json"))
 
 
+def patient_groups(run: RunPredictions):
+    """The patient of each image from the run's W/splits.csv (data.group_pattern), or None: then images are units."""
+    found = read_groups(run.workdir / "splits.csv")
+    if not found or not all(found.get(image_id) for image_id in run.ids):
+        return None
+    return np.asarray([found[image_id] for image_id in run.ids], dtype=object)
+
+
 def align(runs: list[RunPredictions]) -> list[RunPredictions]:
     """Every run's rows reordered to the first run's image order, after checking they scored the same images.
 
@@ -155,44 +165,72 @@ def align(runs: list[RunPredictions]) -> list[RunPredictions]:
     return aligned
 
 
-def score(runs: list[RunPredictions], *, split: str, resamples: int, seed: int) -> dict:
-    """comparison.json: the run table and every pair's tests, as plain JSON values (None where undefined)."""
+def score(runs: list[RunPredictions], *, split: str, resamples: int, seed: int, groups=None) -> dict:
+    """comparison.json: the run table and every pair's tests, as plain JSON values (None where undefined).
+
+    With more than two runs every pair is a test, so the chance of a false winner grows with the number of pairs:
+    each family of p-values (accuracy; AUC) is Holm-adjusted, both are reported, and the verdicts use the adjusted.
+    """
     labels, class_names = runs[0].labels, runs[0].class_names
     table = []
     for run in runs:
         table.append({"name": run.name, "workdir": str(run.workdir),
-                      "metrics": run_metrics(labels, run.probabilities, class_names, resamples=resamples, seed=seed),
+                      "metrics": run_metrics(labels, run.probabilities, class_names, resamples=resamples, seed=seed,
+                                             groups=groups),
                       "training": run.training})
-    pairs = [compare_pair(a, b, resamples=resamples, seed=seed) for a, b in itertools.combinations(runs, 2)]
+    pairs = [compare_pair(a, b, resamples=resamples, seed=seed, groups=groups)
+             for a, b in itertools.combinations(runs, 2)]
+    for key in ("accuracy_test", "auc_test"):
+        tests = [pair[key] for pair in pairs if pair.get(key)]
+        holm(tests) if len(runs) > 2 else None
+    for pair in pairs:
+        _verdicts(pair, class_names)
     return {"split": split, "num_examples": int(len(labels)), "class_names": list(class_names),
-            "bootstrap": {"resamples": int(resamples), "seed": int(seed)}, "runs": table, "pairs": pairs}
+            "bootstrap": {"resamples": int(resamples), "seed": int(seed)},
+            "unit": "patient" if groups is not None else "image",
+            "multiplicity": "Holm over the pairs" if len(runs) > 2 else None, "runs": table, "pairs": pairs}
 
 
-def run_metrics(labels, probabilities, class_names: list[str], *, resamples: int = 1000, seed: int = 0) -> dict:
+def holm(tests: list[dict]) -> None:
+    """Sets each test's "adjusted_pvalue" (Holm over the tests that have a p; None for those without)."""
+    tested = [test for test in tests if test["pvalue"] is not None]
+    for test in tests:
+        test["adjusted_pvalue"] = None
+    if tested:
+        adjusted = multipletests([test["pvalue"] for test in tested], alpha=paired.ALPHA, method="holm")[1]
+        for test, value in zip(tested, adjusted):
+            test["adjusted_pvalue"] = float(value)
+
+
+def run_metrics(labels, probabilities, class_names: list[str], *, resamples: int = 1000, seed: int = 0,
+                groups=None) -> dict:
     """{metric: {"value", "ci95"}} plus "recall": {class: {"value", "ci95"}} for one run.
 
-    Point values are metrics.classification_metrics' (so they match the run's report.json); the intervals are
-    percentile intervals over `resamples` resamples of the images, drawn exactly as paired.paired_bootstrap draws
-    them for the same seed, so every run and every pair is scored on the same resampled test sets. A class absent
-    from the split has no recall (None), not a recall of 0.
+    Point values are metrics.classification_metrics' (so they match the run's report.json). Accuracy and recall
+    are proportions, with its Wilson intervals; the others are percentile intervals over `resamples` resamples of
+    the images (patients with `groups`), drawn exactly as paired.paired_bootstrap draws them for the same seed, so
+    every run and every pair is scored on the same resampled test sets. A class absent from the split has no
+    recall (None), not a recall of 0.
     """
-    report = metrics.classification_metrics(labels, probabilities, class_names, bootstrap=0)
+    report = metrics.classification_metrics(labels, probabilities, class_names, bootstrap=0, groups=groups)
     values = {"accuracy": report["accuracy"], "balanced_accuracy": report["balanced_accuracy"],
               "cohen_kappa": report["cohen_kappa"], "f1_macro": report["macro"]["f1"],
               "roc_auc_macro": report["roc_auc"]["macro"]}
-    draws = bootstrap_draws(labels, probabilities, len(class_names), resamples=resamples, seed=seed)
-    result = {key: {"value": values[key], "ci95": _interval(draws[key]) if values[key] is not None else None}
-              for key, _ in RUN_METRICS}
+    draws = bootstrap_draws(labels, probabilities, len(class_names), resamples=resamples, seed=seed, groups=groups)
+    unit = "patient" if groups is not None else "image"
+    result = {key: {"value": values[key], "ci95": _interval(draws[key]) if values[key] is not None else None,
+                    "method": "percentile bootstrap", "unit": unit} for key, _ in RUN_METRICS}
+    result["accuracy"] |= {"ci95": report["ci95"]["accuracy"], **report["ci95_methods"]["accuracy"]}
     result["recall"] = {}
-    for index, name in enumerate(class_names):
+    for name in class_names:
         present = report["per_class"][name]["support"] > 0
         result["recall"][name] = {"value": report["per_class"][name]["recall"] if present else None,
-                                  "ci95": _interval(draws["recall"][:, index]) if present else None,
+                                  "ci95": report["ci95"]["recall"][name] if present else None,
                                   "support": report["per_class"][name]["support"]}
     return result
 
 
-def bootstrap_draws(labels, probabilities, num_classes: int, *, resamples: int, seed: int) -> dict:
+def bootstrap_draws(labels, probabilities, num_classes: int, *, resamples: int, seed: int, groups=None) -> dict:
     """Each metric on each resample: {"accuracy": (R,), …, "recall": (R, classes)}; NaN where undefined.
 
     A resample is a row of image multiplicities; its confusion matrix comes from one reduceat over the images
@@ -208,12 +246,9 @@ def bootstrap_draws(labels, probabilities, num_classes: int, *, resamples: int, 
     auc_classes = [1] if num_classes == 2 else list(range(num_classes))
     ranked = [paired._rank_prepare(probabilities[:, k], labels == k) for k in auc_classes]
 
-    rng = np.random.default_rng(seed)
-    chunk = max(1, paired._BOOTSTRAP_CHUNK_ELEMENTS // n)  # paired's chunking, hence its very draws
     out = {key: [] for key in ("accuracy", "balanced_accuracy", "cohen_kappa", "f1_macro", "roc_auc_macro", "recall")}
-    for start in range(0, resamples, chunk):
-        size = min(chunk, resamples - start)
-        weights = paired._multiplicities(rng.integers(0, n, size=(size, n)), n)
+    for weights in paired.resampled_weights(intervals.group_codes(groups, n)[0], resamples, seed):  # paired's draws
+        size = len(weights)
         confusion = np.zeros((size, num_classes * num_classes))
         confusion[:, present_cells] = np.add.reduceat(weights[:, cell_order], cell_starts, axis=1)
         for key, value in _from_confusions(confusion.reshape(size, num_classes, num_classes)).items():
@@ -242,17 +277,25 @@ def _from_confusions(confusion) -> dict:
             "recall": recall}
 
 
-def compare_pair(a: RunPredictions, b: RunPredictions, *, resamples: int, seed: int) -> dict:
-    """McNemar, the paired bootstrap of the differences, DeLong for two classes, and the verdict lines."""
+def compare_pair(a: RunPredictions, b: RunPredictions, *, resamples: int, seed: int, groups=None) -> dict:
+    """McNemar, the paired bootstrap of the differences, DeLong for two classes; the tests the verdicts use.
+
+    Independent images: accuracy is decided by the exact McNemar test with its own exact conditional interval, and
+    AUC by DeLong. Images grouped by patient: both tests assume independent images, so the decision is the
+    patient-level paired bootstrap's (its p agrees with its interval); McNemar and DeLong are kept for reference.
+    """
     labels, n = a.labels, len(a.labels)
     correct = [run.probabilities.argmax(-1) == labels for run in (a, b)]
     mcnemar = paired.mcnemar_exact(*correct)
-    bootstrap = paired.paired_bootstrap(labels, a.probabilities, b.probabilities, resamples=resamples, seed=seed)
-    accuracy = bootstrap["accuracy"]
+    bootstrap = paired.paired_bootstrap(labels, a.probabilities, b.probabilities, resamples=resamples, seed=seed,
+                                        groups=groups)
     pair = {"a": a.name, "b": b.name, "num_examples": n, "mcnemar": mcnemar, "paired_bootstrap": bootstrap,
-            "delong": None,
-            "verdict": paired.verdict(a.name, b.name, _pp(accuracy["difference"]), _pp(accuracy["ci95"]),
-                                      mcnemar["pvalue"], n)}
+            "delong": None}
+    if groups is None:
+        pair["accuracy_test"] = {"test": "McNemar", "pvalue": mcnemar["pvalue"], "difference": mcnemar["difference"],
+                                 "ci95": mcnemar["ci95"], "method": mcnemar["ci95_method"], "unit": "image"}
+    else:
+        pair["accuracy_test"] = _bootstrap_test(bootstrap["accuracy"], "McNemar")
     if len(a.class_names) == 2:
         try:
             pair["delong"] = paired.delong(labels, a.probabilities[:, 1], b.probabilities[:, 1])
@@ -260,10 +303,29 @@ def compare_pair(a: RunPredictions, b: RunPredictions, *, resamples: int, seed: 
             pair["delong_skipped"] = str(error)
         else:
             test = pair["delong"]
-            pair["auc_verdict"] = paired.verdict(a.name, b.name, _pp(test["difference"]), _pp(test["ci95"]),
-                                                 test["pvalue"], n, metric=f"ROC AUC ({a.class_names[1]})",
-                                                 test="DeLong")
+            pair["auc_test"] = ({"test": "DeLong", "pvalue": test["pvalue"], "difference": test["difference"],
+                                 "ci95": test["ci95"], "method": "DeLong's normal approximation", "unit": "image",
+                                 "reason": test["no_test_reason"]} if groups is None
+                                else _bootstrap_test(bootstrap["roc_auc_macro"], "DeLong"))
     return pair
+
+
+def _bootstrap_test(entry: dict, replaced: str) -> dict:
+    return {"test": "patient bootstrap", "pvalue": entry["pvalue"], "difference": entry["difference"],
+            "ci95": entry["ci95"], "method": "percentile bootstrap of the paired difference, patients resampled",
+            "unit": "patient", "note": f"{replaced} assumes independent images; these are grouped by patient"}
+
+
+def _verdicts(pair: dict, class_names: list[str]) -> None:
+    """The plain-language lines, from each deciding test (Holm-adjusted p when there are more than two runs)."""
+    for key, out, metric in (("accuracy_test", "verdict", "accuracy"),
+                             ("auc_test", "auc_verdict", f"ROC AUC ({class_names[-1]})")):
+        test = pair.get(key)
+        if test:
+            pair[out] = paired.verdict(pair["a"], pair["b"], _pp(test["difference"]), _pp(test["ci95"]),
+                                       test["pvalue"], pair["num_examples"], metric=metric, test=test["test"],
+                                       adjusted=test.get("adjusted_pvalue") if "adjusted_pvalue" in test else None,
+                                       reason=test.get("reason"))
 
 
 def summary(comparison: dict, out: Path) -> dict:
@@ -271,7 +333,9 @@ def summary(comparison: dict, out: Path) -> dict:
     pairs = []
     for pair in comparison["pairs"]:
         bootstrap = pair["paired_bootstrap"]
-        row = {"a": pair["a"], "b": pair["b"], "mcnemar_p": pair["mcnemar"]["pvalue"]}
+        row = {"a": pair["a"], "b": pair["b"], "mcnemar_p": pair["mcnemar"]["pvalue"],
+               "accuracy_test": pair["accuracy_test"]["test"], "accuracy_p": pair["accuracy_test"]["pvalue"],
+               "accuracy_p_holm": pair["accuracy_test"].get("adjusted_pvalue")}
         for key, _ in PAIRED_METRICS:
             row[f"{key}_difference"] = bootstrap[key]["difference"]
             row[f"{key}_ci95"] = bootstrap[key]["ci95"]
@@ -287,12 +351,15 @@ def markdown(comparison: dict) -> str:
     """comparison.json for people: the runs side by side, then every pair's differences, tests and verdict."""
     runs, names = comparison["runs"], comparison["class_names"]
     binary = len(names) == 2
-    boot = comparison["bootstrap"]
+    boot, unit = comparison["bootstrap"], comparison.get("unit", "image")
     lines = [f"# {len(runs)} runs compared on {comparison['split']}: {comparison['num_examples']} images, "
              f"{len(names)} classes", "",
-             f"Values with 95% intervals: percentile bootstrap over {boot['resamples']} resamples of the images (seed "
-             f"{boot['seed']}), the same resamples for every run. Predictions are the arg-max of each run's "
-             "predictions.csv.", "",
+             f"Values with 95% intervals: accuracy and recall Wilson score"
+             f"{' (effective n = n / design effect, patients as clusters)' if unit == 'patient' else ''}; the others "
+             f"percentile bootstrap over {boot['resamples']} resamples of the {unit}s (seed {boot['seed']}), the same "
+             "resamples for every run. Predictions are the arg-max of each run's predictions.csv."
+             + (f" With {len(runs)} runs every pair is a test: p-values are Holm-adjusted and the verdicts use the "
+                "adjusted ones." if comparison.get("multiplicity") else ""), "",
              "| | " + " | ".join(run["name"] for run in runs) + " |", "|---|" + "---|" * len(runs)]
     for key, label in RUN_METRICS:
         if key == "roc_auc_macro" and binary:
@@ -304,22 +371,34 @@ def markdown(comparison: dict) -> str:
     for key, label in (("parameters", "parameters"), ("train_seconds", "train time"),
                        ("images_per_second", "train images / s")):
         lines.append(f"| {label} | " + " | ".join(_training(run["training"], key) for run in runs) + " |")
-    lines += ["", "## Paired differences A − B (percentage points, paired-bootstrap 95% interval)", "",
+    lines += ["", f"## Paired differences A − B (percentage points, paired-bootstrap 95% interval, {unit}s "
+              "resampled)", "",
               "| A − B | " + " | ".join(label for _, label in _paired_labels(names))
-              + " | McNemar (only A right / only B right) |" + (" DeLong |" if binary else ""),
-              "|---|" + "---|" * (len(PAIRED_METRICS) + 1 + binary)]
+              + " | McNemar (only A right / only B right) |" + (" DeLong |" if binary else "")
+              + " accuracy test: interval, p (Holm) |",
+              "|---|" + "---|" * (len(PAIRED_METRICS) + 2 + binary)]
     for pair in comparison["pairs"]:
         bootstrap, test = pair["paired_bootstrap"], pair["mcnemar"]
         cells = [_difference(bootstrap[key]) for key, _ in PAIRED_METRICS]
         cells.append(f"{paired.format_pvalue(test['pvalue'])} ({test['b']} / {test['c']})")
         if binary:
             cells.append(paired.format_pvalue(pair["delong"]["pvalue"]) if pair["delong"] else "n/a")
+        deciding = pair["accuracy_test"]
+        adjusted = deciding.get("adjusted_pvalue")
+        cells.append(f"{deciding['test']}: {_difference(deciding)}, {paired.format_pvalue(deciding['pvalue'])}"
+                     + (f" ({paired.format_pvalue(adjusted)[2:]})" if "adjusted_pvalue" in deciding else ""))
         lines.append(f"| {pair['a']} − {pair['b']} | " + " | ".join(cells) + " |")
+    methods = {pair["accuracy_test"]["method"] for pair in comparison["pairs"]}
+    lines += ["", "Accuracy-test intervals: " + "; ".join(sorted(methods)) + "."]
     lines += ["", "## Verdicts", ""]
     for pair in comparison["pairs"]:
         lines.append(f"- {pair['verdict']}")
         if pair.get("auc_verdict"):
             lines.append(f"- {pair['auc_verdict']}")
+        for key in ("accuracy_test", "auc_test"):
+            if (pair.get(key) or {}).get("note"):
+                lines.append(f"- {pair['a']} vs {pair['b']}: {pair[key]['note']}, so the call is the "
+                             f"{pair[key]['test']}'s")
         if pair.get("delong_skipped"):
             lines.append(f"- {pair['a']} vs {pair['b']}: no DeLong test ({pair['delong_skipped']})")
     lines += ["", "Figures: roc_curves.png (every run's ROC curve), differences.png (the paired differences above).",
