@@ -147,3 +147,23 @@ def test_compare_with_patients_resamples_patients_and_says_so():
     assert pair["accuracy_test"]["test"] == "patient bootstrap" and pair["auc_test"]["unit"] == "patient"
     assert "McNemar assumes independent images" in compare.markdown(result)
     assert result["runs"][0]["metrics"]["roc_auc_macro"]["unit"] == "patient"
+
+
+def test_compare_reads_patients_from_splits_csv(tmp_path):
+    rng = np.random.default_rng(11)
+    labels = np.repeat(rng.integers(0, 2, 40), 3)
+    ids = [f"p{i // 3}_img{i}.png" for i in range(120)]
+    for name, accuracy in (("a", 0.9), ("b", 0.8)):
+        workdir = tmp_path / name
+        (workdir / "eval" / "test").mkdir(parents=True)
+        (workdir / "config.json").write_text("{}")
+        predictions = np.where(rng.random(120) < accuracy, labels, 1 - labels)
+        report.write_predictions(workdir / "eval/test/predictions.csv", ids, labels,
+                                 _probabilities(predictions, 2, 0.7), ["normal", "disease"])
+        (workdir / "splits.csv").write_text("id,split,class,group\n" + "".join(
+            f"{image_id},test,{['normal', 'disease'][label]},{image_id.split('_')[0]}\n"
+            for image_id, label in zip(ids, labels)))
+    compare.compare([tmp_path / "a", tmp_path / "b"], tmp_path / "out", resamples=100)
+    result = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert result["unit"] == "patient" and result["pairs"][0]["accuracy_test"]["test"] == "patient bootstrap"
+    assert "patients as clusters" in result["runs"][0]["metrics"]["accuracy"]["method"]
