@@ -91,7 +91,7 @@ def summarise(workdir, folds: int, eval_config) -> dict:
     labels, probabilities = np.concatenate(labels), np.concatenate(probabilities)
     if len(set(ids)) != len(ids):
         raise JaxmedError(f"the folds' test splits overlap in {workdir}: an image was held out twice")
-    groups = _pooled_groups(workdir, folds, ids)
+    groups = report.groups_for(ids, *(workdir / f"fold_{fold}" / "splits.csv" for fold in range(folds)))
     pooled = metrics.classification_metrics(labels, probabilities, names, bootstrap=eval_config.bootstrap,
                                             seed=eval_config.seed, groups=groups)
     pooled["calibration"] = calibration.calibration_metrics(labels, probabilities)
@@ -111,16 +111,6 @@ def summarise(workdir, folds: int, eval_config) -> dict:
         log.info("%d-fold cross-validation: accuracy %.4f ± %.4f (pooled %.4f) → %s", folds,
                  per_metric["accuracy"]["mean"], per_metric["accuracy"]["sd"] or 0.0, pooled["accuracy"], out)
     return summary
-
-
-def _pooled_groups(workdir, folds: int, ids: list[str]):
-    """Each pooled image's patient from the folds' splits.csv (data.group_pattern), or None without groups."""
-    found = {}
-    for fold in range(folds):
-        found |= report.read_groups(workdir / f"fold_{fold}" / "splits.csv")
-    if not found or not all(found.get(image_id) for image_id in ids):
-        return None
-    return np.asarray([found[image_id] for image_id in ids], dtype=object)
 
 
 def markdown(summary: dict) -> str:

@@ -25,10 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from jaxmed.errors import JaxmedError
-from statsmodels.stats.multitest import multipletests
-
 from jaxmed.evaluate import compare_figures, html, intervals, metrics, paired
-from jaxmed.evaluate.report import read_groups, read_predictions
+from jaxmed.evaluate.report import groups_for, read_predictions
 
 log = logging.getLogger("jaxmed.compare")
 
@@ -64,7 +62,8 @@ def compare(workdirs, out, *, split: str = "test", names=None, resamples: int = 
     workdirs = [Path(w).expanduser() for w in workdirs]
     run_names = choose_names(workdirs, names)
     runs = align([load_run(workdir, split, name) for workdir, name in zip(workdirs, run_names)])
-    comparison = score(runs, split=split, resamples=resamples, seed=seed, groups=patient_groups(runs[0]))
+    groups = groups_for(runs[0].ids, runs[0].workdir / "splits.csv")  # patients make the unit of every interval
+    comparison = score(runs, split=split, resamples=resamples, seed=seed, groups=groups)
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -117,14 +116,6 @@ def load_run(workdir: Path, split: str, name: str) -> RunPredictions:
     ids, labels, probabilities, class_names = _read(path)
     return RunPredictions(name, workdir, ids, labels, probabilities, class_names,
                           _training_summary(workdir / "train_summary.json"))
-
-
-def patient_groups(run: RunPredictions):
-    """The patient of each image from the run's W/splits.csv (data.group_pattern), or None: then images are units."""
-    found = read_groups(run.workdir / "splits.csv")
-    if not found or not all(found.get(image_id) for image_id in run.ids):
-        return None
-    return np.asarray([found[image_id] for image_id in run.ids], dtype=object)
 
 
 def align(runs: list[RunPredictions]) -> list[RunPredictions]:
@@ -182,24 +173,14 @@ def score(runs: list[RunPredictions], *, split: str, resamples: int, seed: int, 
              for a, b in itertools.combinations(runs, 2)]
     for key in ("accuracy_test", "auc_test"):
         tests = [pair[key] for pair in pairs if pair.get(key)]
-        holm(tests) if len(runs) > 2 else None
+        if len(runs) > 2:
+            paired.holm(tests)
     for pair in pairs:
         _verdicts(pair, class_names)
     return {"split": split, "num_examples": int(len(labels)), "class_names": list(class_names),
             "bootstrap": {"resamples": int(resamples), "seed": int(seed)},
             "unit": "patient" if groups is not None else "image",
             "multiplicity": "Holm over the pairs" if len(runs) > 2 else None, "runs": table, "pairs": pairs}
-
-
-def holm(tests: list[dict]) -> None:
-    """Sets each test's "adjusted_pvalue" (Holm over the tests that have a p; None for those without)."""
-    tested = [test for test in tests if test["pvalue"] is not None]
-    for test in tests:
-        test["adjusted_pvalue"] = None
-    if tested:
-        adjusted = multipletests([test["pvalue"] for test in tested], alpha=paired.ALPHA, method="holm")[1]
-        for test, value in zip(tested, adjusted):
-            test["adjusted_pvalue"] = float(value)
 
 
 def run_metrics(labels, probabilities, class_names: list[str], *, resamples: int = 1000, seed: int = 0,
@@ -438,7 +419,18 @@ def _read(path: Path):
                           f"{', '.join(repeated[:_EXAMPLE_IDS])}); images are paired by id, so each must be unique")
     if not np.isfinite(probabilities).all():
         raise JaxmedError(f"{path} has probabilities that are not finite numbers")
+    _warn_if_rounded(path, probabilities, class_names)
     return ids, labels, probabilities, class_names
+
+
+def _warn_if_rounded(path: Path, probabilities, class_names) -> None:
+    """Files from before full precision: rounding can tie the top two classes, and ties break to the first."""
+    with open(path, newline="") as handle:
+        recorded = [row["prediction"] for row in csv.DictReader(handle)]
+    differ = sum(class_names[int(k)] != name for k, name in zip(probabilities.argmax(-1), recorded))
+    if differ:
+        log.warning("%s: %d rows' recorded prediction is not the arg-max of their (rounded) probabilities; re-run "
+                    "python -m jaxmed.evaluate to write full-precision values", path, differ)
 
 
 def _training_summary(path: Path) -> dict | None:

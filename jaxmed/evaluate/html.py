@@ -132,13 +132,20 @@ def write_comparison_html(out_dir, comparison: dict) -> Path:
         cells.append(f"{values(('pairs', i, 'mcnemar', 'pvalue'))} ({values(('pairs', i, 'mcnemar', 'b'))} / "
                      f"{values(('pairs', i, 'mcnemar', 'c'))})")
         cells.append(values(("pairs", i, "delong", "pvalue")))
+        deciding = ("pairs", i, "accuracy_test")
+        cells.append(f"{_escape(values.get(deciding + ('test',), ''))} "
+                     f"{values.with_interval(deciding, 'difference')}, p {values(deciding + ('pvalue',))}"
+                     + (f" (Holm {values(deciding + ('adjusted_pvalue',))})"
+                        if values.get(deciding + ("adjusted_pvalue",)) is not _MISSING else ""))
         pair_rows.append(cells)
         verdicts += [pair[key] for key in ("verdict", "auc_verdict") if pair.get(key)]
         if pair.get("delong_skipped"):
             verdicts.append(f"{pair.get('a')} vs {pair.get('b')}: no DeLong test ({pair['delong_skipped']})")
     pair_table = _table(["A − B", *(f"{key.replace('_', ' ')} difference (95% CI)" for key in differences),
-                         "McNemar p (only A right / only B right)", "DeLong p"], pair_rows) if pairs else ""
-    body = [_section("Runs (value, bootstrap 95% CI)", runs_table), _section("Paired differences", pair_table),
+                         "McNemar p (only A right / only B right)", "DeLong p", "accuracy test (95% CI), p"],
+                        pair_rows) if pairs else ""
+    body = [_section("Runs (value, 95% CI: Wilson for accuracy and recall, bootstrap for the rest)", runs_table),
+            _section("Paired differences", pair_table),
             _section("Verdicts", "<ul>" + "".join(f"<li>{_escape(v)}</li>" for v in verdicts) + "</ul>"
                      if verdicts else ""),
             _section("Figures", figures.take("roc_curves.png", "differences.png") + figures.rest())]

@@ -13,6 +13,7 @@ import math
 import numpy as np
 from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
 
 from jaxmed.evaluate import intervals
 
@@ -141,6 +142,17 @@ def delong_slow(labels, scores_a, scores_b) -> dict:
     variance = sum(sign * (s10[r][s] / m + s01[r][s] / n)
                    for r, s, sign in ((0, 0, 1), (1, 1, 1), (0, 1, -2)))
     return _delong_result(np.array(aucs), variance, m, n)
+
+
+def holm(tests: list[dict]) -> None:
+    """Sets each test's "adjusted_pvalue" (Holm over the tests that have a p; None for those without)."""
+    tested = [test for test in tests if test["pvalue"] is not None]
+    for test in tests:
+        test["adjusted_pvalue"] = None
+    if tested:
+        adjusted = multipletests([test["pvalue"] for test in tested], alpha=ALPHA, method="holm")[1]
+        for test, value in zip(tested, adjusted):
+            test["adjusted_pvalue"] = float(value)
 
 
 def verdict(name_a: str, name_b: str, difference_pp, ci_pp, pvalue, n: int, metric: str = "accuracy",

@@ -259,13 +259,19 @@ def read_predictions_with_logits(path):
     return ids, labels, numbers(probability_columns), logits, names
 
 
-def read_groups(splits_csv) -> dict[str, str]:
-    """W/splits.csv → {image id: patient id} for the images with a group (data.group_pattern); {} if none."""
-    try:
-        with open(splits_csv, newline="") as handle:
-            return {row["id"]: row["group"] for row in csv.DictReader(handle) if row.get("group")}
-    except FileNotFoundError:
-        return {}
+def groups_for(ids, *splits_csvs):
+    """The patient of each image id from W/splits.csv files (data.group_pattern), or None when any image has none:
+    then the image is the unit of every interval."""
+    found = {}
+    for path in splits_csvs:
+        try:
+            with open(path, newline="") as handle:
+                found |= {row["id"]: row["group"] for row in csv.DictReader(handle) if row.get("group")}
+        except FileNotFoundError:
+            continue
+    if not ids or not all(found.get(image_id) for image_id in ids):
+        return None
+    return np.asarray([found[image_id] for image_id in ids], dtype=object)
 
 
 def _figures(run, out, split, indices, labels, probs, confusion) -> None:
