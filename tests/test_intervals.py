@@ -169,3 +169,22 @@ def test_old_predictions_csv_without_logits_is_still_read(tmp_path):
     assert ids == ["a.png", "b.png"] and labels.tolist() == [0, 1] and logits is None
     assert probabilities.tolist() == [[0.9, 0.1], [0.25, 0.75]]
     assert report.read_predictions(path)[3] == ["x", "y"]
+
+
+def test_reports_say_why_the_temperature_was_not_applied():
+    labels = np.array([0, 1, 1, 0])
+    result = metrics.classification_metrics(labels, _probabilities(labels, 2), ["normal", "disease"], bootstrap=0)
+    calibrated = calibration.calibration_metrics(labels, _probabilities(labels, 2))
+    result["calibration"] = {"temperature": 1.0, "fitted_on": None, "applied": False, "before": calibrated,
+                             "after": calibrated, "not_applied_reason": "validation has no misclassified image"}
+    text = report.markdown(result)
+    assert "no temperature scaling (T = 1), because validation has no misclassified image" in text
+    assert "binary Brier (positive class: class 1)" in text
+
+
+def test_bca_gives_way_to_percentile_on_very_many_units(monkeypatch):
+    monkeypatch.setattr(intervals, "BCA_MAX_UNITS", 50)
+    correct = np.random.default_rng(0).random(100) < 0.7
+    made = intervals.bootstrap_interval(lambda w: (w @ correct) / w.sum(1), 100, resamples=200)
+    assert made["method"] == "percentile bootstrap" and "too costly" in made["note"]
+    assert made["ci95"][0] < correct.mean() < made["ci95"][1]

@@ -21,6 +21,7 @@ from statsmodels.stats.proportion import proportion_confint
 ALPHA = 0.05
 PROPORTION_METHODS = {"wilson": "Wilson score", "clopper-pearson": "Clopper–Pearson exact"}
 _STATSMODELS_NAME = {"wilson": "wilson", "clopper-pearson": "beta"}
+BCA_MAX_UNITS = 10_000  # above this many images/patients, the percentile bootstrap (BCa's jackknife is O(units²))
 # Rows of resampled weights evaluated at once (bounded memory for large test sets).
 _CHUNK_ELEMENTS = 4_000_000
 
@@ -114,6 +115,10 @@ def bootstrap_interval(statistic, n: int, *, groups=None, resamples: int = 1000,
         return values.reshape(drawn.shape[:-1])
 
     chunk = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    if method == "BCa" and units > BCA_MAX_UNITS:  # its jackknife evaluates the statistic once per unit
+        method = "percentile"
+        result.update(method="percentile bootstrap", note=f"BCa's jackknife over {units} {unit}s is too costly "
+                      f"(limit {BCA_MAX_UNITS}); percentile interval")
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         fit = stats.bootstrap((np.arange(units),), on_units, n_resamples=resamples, batch=chunk, vectorized=True,
