@@ -400,7 +400,7 @@ def _read(path: Path):
         header = next(csv.reader(handle), [])
     probability_columns = [column for column in header[3:] if column.startswith("p_")]
     if header[:3] != ["id", "label", "prediction"] or len(probability_columns) < 2 or \
-            not all(column.startswith(("p_", "logit_")) for column in header[3:]):
+            header[3:3 + len(probability_columns)] != probability_columns:  # then logit_<class>…, later columns
         raise JaxmedError(f"{path} is not a predictions file written by jaxmed.evaluate (expected the columns id, "
                           f"label, prediction, p_<class>… [logit_<class>…]; got {', '.join(header[:6]) or 'nothing'})")
     try:

@@ -179,6 +179,3 @@ def paired_proportion_difference(b: int, c: int, n: int) -> list[float] | None:
     return [float(widest(pi_low, True)), float(widest(pi_high, False))]
 
 
-def z_interval(estimate: float, se: float) -> list[float]:
-    z = float(stats.norm.ppf(1 - ALPHA / 2))
-    return [estimate - z * se, estimate + z * se]
