@@ -80,9 +80,11 @@ def interval_estimates(labels, probabilities, class_names: list[str], *, groups=
         entries["sensitivity"], entries["specificity"] = (entries["recall"][class_names[k]] for k in (1, 0))
     ci = {key: entry["ci95"] for key, entry in entries.items() if "ci95" in entry}
     ci |= {key: {name: entry["ci95"] for name, entry in entries[key].items()} for key in ("recall", "precision")}
-    accuracy_entry = entries["accuracy"]
-    methods = {key: {"method": accuracy_entry["method"], "unit": accuracy_entry["unit"], "note": None}
-               for key in ci}
+    per_class = "Wilson score" + (", effective n = n / each class's design effect (patients as clusters)"
+                                  if codes is not None else "")
+    methods = {key: {"method": entry["method"] if "method" in entry else per_class,
+                     "unit": "patient" if codes is not None else "image", "note": None}
+               for key, entry in entries.items()}
     for key, statistic in _bootstrapped_statistics(labels, probabilities, len(class_names)).items():
         if resamples:
             made = intervals.bootstrap_interval(statistic, len(labels), groups=groups, resamples=resamples, seed=seed)
