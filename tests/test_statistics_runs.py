@@ -167,3 +167,26 @@ def test_compare_reads_patients_from_splits_csv(tmp_path):
     result = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert result["unit"] == "patient" and result["pairs"][0]["accuracy_test"]["test"] == "patient bootstrap"
     assert "patients as clusters" in result["runs"][0]["metrics"]["accuracy"]["method"]
+
+
+def test_evaluation_of_a_folder_with_patient_ids_has_patient_level_intervals(tmp_path):
+    from helpers_configs import config_file
+    from test_patient_splits import _kermany_folder
+
+    from jaxmed import experiment, protocols
+
+    config = config_file("tests/tiny_config.py")
+    config.data.update(format="imagefolder", root=str(_kermany_folder(tmp_path / "data")),
+                       cache_dir=str(tmp_path / "cache"), merge_train_val=True, val_fraction=0.25,
+                       group_pattern=protocols.KERMANY_PATIENT)
+    config.train.async_checkpoints = False
+    config.eval.update(bootstrap=50, explain_per_class=0, positive_class="PNEUMONIA", target_recall=0.9)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    experiment.train_and_evaluate(config, workdir)
+    result = json.loads((workdir / "eval/test/report.json").read_text())
+    assert {made["unit"] for made in result["ci95_methods"].values()} == {"patient"}
+    assert "patients as clusters" in result["ci95_methods"]["accuracy"]["method"]
+    assert result["operating_point"]["test"]["ci95_method"]["unit"] == "patient"
+    assert "unit: patient" in (workdir / "eval/test/report.md").read_text()
