@@ -93,7 +93,8 @@ def summarise(workdir, folds: int, eval_config) -> dict:
         raise JaxmedError(f"the folds' test splits overlap in {workdir}: an image was held out twice")
     groups = report.groups_for(ids, *(workdir / f"fold_{fold}" / "splits.csv" for fold in range(folds)))
     pooled = metrics.classification_metrics(labels, probabilities, names, bootstrap=eval_config.bootstrap,
-                                            seed=eval_config.seed, groups=groups)
+                                            seed=eval_config.seed, groups=groups,
+                                            proportion_method=getattr(eval_config, "proportion_interval", "wilson"))
     pooled["calibration"] = calibration.calibration_metrics(labels, probabilities)
     summary = {"folds": folds, "metrics": per_metric, "pooled": pooled, "notes": notes,
                "images_per_fold": [fold_report["num_examples"] for fold_report in reports]}

@@ -188,3 +188,11 @@ def test_bca_gives_way_to_percentile_on_very_many_units(monkeypatch):
     made = intervals.bootstrap_interval(lambda w: (w @ correct) / w.sum(1), 100, resamples=200)
     assert made["method"] == "percentile bootstrap" and "too costly" in made["note"]
     assert made["ci95"][0] < correct.mean() < made["ci95"][1]
+
+
+def test_clopper_pearson_can_be_chosen_for_proportions():
+    labels = np.arange(30) % 2
+    result = metrics.classification_metrics(labels, _probabilities(labels, 2), ["a", "b"], bootstrap=0,
+                                            proportion_method="clopper-pearson")
+    assert result["ci95"]["accuracy"] == pytest.approx([0.025 ** (1 / 30), 1.0])  # exact: (α/2)^(1/n) for n of n
+    assert result["ci95_methods"]["recall"]["method"] == "Clopper–Pearson exact"

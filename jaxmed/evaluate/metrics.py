@@ -12,7 +12,7 @@ from jaxmed.evaluate import intervals, paired
 
 
 def classification_metrics(labels, probabilities, class_names: list[str], *, bootstrap: int = 1000,
-                           seed: int = 0, groups=None) -> dict:
+                           seed: int = 0, groups=None, proportion_method: str = "wilson") -> dict:
     """Everything report.json needs for one split, as plain floats, ints, lists and None (JSON-serialisable).
 
     Predictions are the arg-max of `probabilities`. A class absent from this split has no recall, precision, F1 or
@@ -54,16 +54,17 @@ def classification_metrics(labels, probabilities, class_names: list[str], *, boo
         report["specificity"] = float(recall[0]) if support[0] else None
     report["bootstrap"] = {"resamples": int(bootstrap), "seed": int(seed)}
     report["ci95"], report["ci95_methods"] = interval_estimates(labels, probabilities, class_names, groups=groups,
-                                                                resamples=bootstrap, seed=seed)
+                                                                resamples=bootstrap, seed=seed,
+                                                                proportion_method=proportion_method)
     return report
 
 
 def interval_estimates(labels, probabilities, class_names: list[str], *, groups=None, resamples: int = 1000,
-                       seed: int = 0) -> tuple[dict, dict]:
+                       seed: int = 0, proportion_method: str = "wilson") -> tuple[dict, dict]:
     """95% intervals and how each was made: → (ci95, methods), both keyed like the report.
 
-    Proportions (accuracy, per-class recall and precision, sensitivity, specificity) get Wilson score intervals,
-    valid at 0 and 1 where a percentile bootstrap collapses. Cohen's κ, macro F1 and ROC AUC get a BCa bootstrap
+    Proportions (accuracy, per-class recall and precision, sensitivity, specificity) get Wilson score (or
+    Clopper–Pearson) intervals, valid at 0 and 1 where a percentile bootstrap collapses. Cohen's κ, macro F1 and ROC AUC get a BCa bootstrap
     (`resamples`; none when 0). With `groups` the patient is the unit of both (see intervals).
     """
     predictions = probabilities.argmax(-1)
@@ -71,7 +72,7 @@ def interval_estimates(labels, probabilities, class_names: list[str], *, groups=
     correct = predictions == labels
 
     def proportion(mask, hits):
-        return intervals.proportion_entry(hits[mask], None if codes is None else codes[mask])
+        return intervals.proportion_entry(hits[mask], None if codes is None else codes[mask], proportion_method)
 
     entries = {"accuracy": proportion(np.ones(len(labels), bool), correct),
                "recall": {name: proportion(labels == i, correct) for i, name in enumerate(class_names)},
@@ -80,7 +81,7 @@ def interval_estimates(labels, probabilities, class_names: list[str], *, groups=
         entries["sensitivity"], entries["specificity"] = (entries["recall"][class_names[k]] for k in (1, 0))
     ci = {key: entry["ci95"] for key, entry in entries.items() if "ci95" in entry}
     ci |= {key: {name: entry["ci95"] for name, entry in entries[key].items()} for key in ("recall", "precision")}
-    per_class = "Wilson score" + (", effective n = n / each class's design effect (patients as clusters)"
+    per_class = intervals.PROPORTION_METHODS[proportion_method] + (", effective n = n / each class's design effect (patients as clusters)"
                                   if codes is not None else "")
     methods = {key: {"method": entry["method"] if "method" in entry else per_class,
                      "unit": "patient" if codes is not None else "image", "note": None}

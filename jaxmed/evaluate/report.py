@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxmed import train
 from jaxmed.config import load_run_config
-from jaxmed.evaluate import calibration, figures, html, metrics
+from jaxmed.evaluate import calibration, figures, html, intervals, metrics
 from jaxmed.errors import JaxmedError
 
 log = logging.getLogger("jaxmed.evaluate")
@@ -58,8 +58,11 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
     indices, probs = probabilities(split)
     labels = split.labels[indices]
     groups = _groups_of(split, indices)
+    if ec.proportion_interval not in intervals.PROPORTION_METHODS:
+        raise JaxmedError(f"eval.proportion_interval={ec.proportion_interval!r}: choose "
+                          f"{' or '.join(intervals.PROPORTION_METHODS)}")
     report = metrics.classification_metrics(labels, probs, names, bootstrap=ec.bootstrap, seed=ec.seed,
-                                            groups=groups)
+                                            groups=groups, proportion_method=ec.proportion_interval)
     report.update(split=split_name, checkpoint=source)
     uncalibrated = calibration.apply_temperature(logits_of(split)[1], 1.0)
     report["calibration"] = {"temperature": temperature, "fitted_on": fitted_on, "applied": bool(fitted_on),
