@@ -88,7 +88,8 @@ def test_paired_accuracy_interval_covers_the_true_difference():
     truth = discordance * (2 * share - 1)
     covered = 0
     for _ in range(draws):
-        b, c = (int(x) for x in rng.multinomial(n, [discordance * share, discordance * (1 - share), 1 - discordance])[:2])
+        cells = [discordance * share, discordance * (1 - share), 1 - discordance]
+        b, c = (int(x) for x in rng.multinomial(n, cells)[:2])
         low, high = intervals.paired_proportion_difference(b, c, n)
         covered += low <= truth <= high
     assert 0.95 - 3 * np.sqrt(0.95 * 0.05 / draws) <= covered / draws

@@ -177,7 +177,8 @@ def _interval_methods(methods) -> str:
     """Which method made each 95% interval and which unit (image or patient) it resampled."""
     if not isinstance(methods, dict) or not methods:
         return ""
-    rows = [[_escape(key), _escape(made.get("method")), _escape(made.get("unit") or ""), _escape(made.get("note") or "")]
+    rows = [[_escape(key), _escape(made.get("method")), _escape(made.get("unit") or ""),
+             _escape(made.get("note") or "")]
             for key, made in methods.items() if isinstance(made, dict)]
     return _table(["95% interval of", "method", "unit", "note"], rows)
 

@@ -64,8 +64,8 @@ def interval_estimates(labels, probabilities, class_names: list[str], *, groups=
     """95% intervals and how each was made: → (ci95, methods), both keyed like the report.
 
     Proportions (accuracy, per-class recall and precision, sensitivity, specificity) get Wilson score (or
-    Clopper–Pearson) intervals, valid at 0 and 1 where a percentile bootstrap collapses. Cohen's κ, macro F1 and ROC AUC get a BCa bootstrap
-    (`resamples`; none when 0). With `groups` the patient is the unit of both (see intervals).
+    Clopper–Pearson) intervals, valid at 0 and 1 where a percentile bootstrap collapses. Cohen's κ, macro F1 and
+    ROC AUC get a BCa bootstrap (`resamples`; none when 0). With `groups` the patient is the unit of both.
     """
     predictions = probabilities.argmax(-1)
     codes = None if groups is None else intervals.group_codes(groups, len(labels))[0]
@@ -81,8 +81,8 @@ def interval_estimates(labels, probabilities, class_names: list[str], *, groups=
         entries["sensitivity"], entries["specificity"] = (entries["recall"][class_names[k]] for k in (1, 0))
     ci = {key: entry["ci95"] for key, entry in entries.items() if "ci95" in entry}
     ci |= {key: {name: entry["ci95"] for name, entry in entries[key].items()} for key in ("recall", "precision")}
-    per_class = intervals.PROPORTION_METHODS[proportion_method] + (", effective n = n / each class's design effect (patients as clusters)"
-                                  if codes is not None else "")
+    per_class = intervals.PROPORTION_METHODS[proportion_method] + (
+        ", effective n = n / each class's design effect (patients as clusters)" if codes is not None else "")
     methods = {key: {"method": entry["method"] if "method" in entry else per_class,
                      "unit": "patient" if codes is not None else "image", "note": None}
                for key, entry in entries.items()}
