@@ -162,13 +162,17 @@ def test_predictions_csv_round_trips_probabilities_and_logits(tmp_path):
     assert metrics.roc_auc(read_labels, read_probabilities, names)["macro"] == first
 
 
-def test_old_predictions_csv_without_logits_is_still_read(tmp_path):
+def test_old_predictions_csv_without_logits_is_still_read(tmp_path, caplog):
     path = tmp_path / "predictions.csv"
     path.write_text("id,label,prediction,p_x,p_y\na.png,x,x,0.9,0.1\nb.png,y,y,0.25,0.75\n")
     ids, labels, probabilities, logits, names = report.read_predictions_with_logits(path)
     assert ids == ["a.png", "b.png"] and labels.tolist() == [0, 1] and logits is None
     assert probabilities.tolist() == [[0.9, 0.1], [0.25, 0.75]]
     assert report.read_predictions(path)[3] == ["x", "y"]
+    assert "recorded prediction" not in caplog.text
+    path.write_text("id,label,prediction,p_x,p_y\na.png,y,y,0.5,0.5\n")  # 0.4999996 / 0.5000004 at 6 digits
+    report.read_predictions(path)
+    assert "1 rows' recorded prediction is not the arg-max" in caplog.text
 
 
 def test_reports_say_why_the_temperature_was_not_applied():

@@ -176,7 +176,7 @@ def score(runs: list[RunPredictions], *, split: str, resamples: int, seed: int, 
         if len(runs) > 2:
             paired.holm(tests)
     for pair in pairs:
-        _verdicts(pair, class_names)
+        paired.pair_verdicts(pair, class_names)
     return {"split": split, "num_examples": int(len(labels)), "class_names": list(class_names),
             "bootstrap": {"resamples": int(resamples), "seed": int(seed)},
             "unit": "patient" if groups is not None else "image",
@@ -276,7 +276,7 @@ def compare_pair(a: RunPredictions, b: RunPredictions, *, resamples: int, seed: 
         pair["accuracy_test"] = {"test": "McNemar", "pvalue": mcnemar["pvalue"], "difference": mcnemar["difference"],
                                  "ci95": mcnemar["ci95"], "method": mcnemar["ci95_method"], "unit": "image"}
     else:
-        pair["accuracy_test"] = _bootstrap_test(bootstrap["accuracy"], "McNemar")
+        pair["accuracy_test"] = paired.bootstrap_test(bootstrap["accuracy"], "McNemar")
     if len(a.class_names) == 2:
         try:
             pair["delong"] = paired.delong(labels, a.probabilities[:, 1], b.probabilities[:, 1])
@@ -287,26 +287,8 @@ def compare_pair(a: RunPredictions, b: RunPredictions, *, resamples: int, seed: 
             pair["auc_test"] = ({"test": "DeLong", "pvalue": test["pvalue"], "difference": test["difference"],
                                  "ci95": test["ci95"], "method": "DeLong's normal approximation", "unit": "image",
                                  "reason": test["no_test_reason"]} if groups is None
-                                else _bootstrap_test(bootstrap["roc_auc_macro"], "DeLong"))
+                                else paired.bootstrap_test(bootstrap["roc_auc_macro"], "DeLong"))
     return pair
-
-
-def _bootstrap_test(entry: dict, replaced: str) -> dict:
-    return {"test": "patient bootstrap", "pvalue": entry["pvalue"], "difference": entry["difference"],
-            "ci95": entry["ci95"], "method": "percentile bootstrap of the paired difference, patients resampled",
-            "unit": "patient", "note": f"{replaced} assumes independent images; these are grouped by patient"}
-
-
-def _verdicts(pair: dict, class_names: list[str]) -> None:
-    """The plain-language lines, from each deciding test (Holm-adjusted p when there are more than two runs)."""
-    for key, out, metric in (("accuracy_test", "verdict", "accuracy"),
-                             ("auc_test", "auc_verdict", f"ROC AUC ({class_names[-1]})")):
-        test = pair.get(key)
-        if test:
-            pair[out] = paired.verdict(pair["a"], pair["b"], _pp(test["difference"]), _pp(test["ci95"]),
-                                       test["pvalue"], pair["num_examples"], metric=metric, test=test["test"],
-                                       adjusted=test.get("adjusted_pvalue") if "adjusted_pvalue" in test else None,
-                                       reason=test.get("reason"))
 
 
 def summary(comparison: dict, out: Path) -> dict:
@@ -419,18 +401,7 @@ def _read(path: Path):
                           f"{', '.join(repeated[:_EXAMPLE_IDS])}); images are paired by id, so each must be unique")
     if not np.isfinite(probabilities).all():
         raise JaxmedError(f"{path} has probabilities that are not finite numbers")
-    _warn_if_rounded(path, probabilities, class_names)
     return ids, labels, probabilities, class_names
-
-
-def _warn_if_rounded(path: Path, probabilities, class_names) -> None:
-    """Files from before full precision: rounding can tie the top two classes, and ties break to the first."""
-    with open(path, newline="") as handle:
-        recorded = [row["prediction"] for row in csv.DictReader(handle)]
-    differ = sum(class_names[int(k)] != name for k, name in zip(probabilities.argmax(-1), recorded))
-    if differ:
-        log.warning("%s: %d rows' recorded prediction is not the arg-max of their (rounded) probabilities; re-run "
-                    "python -m jaxmed.evaluate to write full-precision values", path, differ)
 
 
 def _training_summary(path: Path) -> dict | None:
@@ -454,13 +425,6 @@ def _interval(values) -> list[float] | None:
         return None
     low, high = np.percentile(values, [2.5, 97.5])
     return [float(low), float(high)]
-
-
-def _pp(value):
-    """A fraction (or an interval of fractions) in percentage points; None stays None."""
-    if value is None:
-        return None
-    return [100 * v for v in value] if isinstance(value, (list, tuple)) else 100 * value
 
 
 def _with_interval(entry: dict) -> str:

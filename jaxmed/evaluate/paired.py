@@ -180,6 +180,27 @@ def verdict(name_a: str, name_b: str, difference_pp, ci_pp, pvalue, n: int, metr
     return f"{head}: {call} on {n} images"
 
 
+def bootstrap_test(entry: dict, replaced: str) -> dict:
+    """The deciding test of a pair whose images share patients: the patient-level paired bootstrap (p and interval
+    agree by construction), in place of `replaced`, which assumes independent images."""
+    return {"test": "patient bootstrap", "pvalue": entry["pvalue"], "difference": entry["difference"],
+            "ci95": entry["ci95"], "method": "percentile bootstrap of the paired difference, patients resampled",
+            "unit": "patient", "note": f"{replaced} assumes independent images; these are grouped by patient"}
+
+
+def pair_verdicts(pair: dict, class_names: list[str]) -> None:
+    """The plain-language lines, from each deciding test (Holm-adjusted p when there are more than two runs)."""
+    for key, out, metric in (("accuracy_test", "verdict", "accuracy"),
+                             ("auc_test", "auc_verdict", f"ROC AUC ({class_names[-1]})")):
+        test = pair.get(key)
+        if test:
+            interval = None if test["ci95"] is None else [100 * v for v in test["ci95"]]
+            difference = None if test["difference"] is None else 100 * test["difference"]
+            pair[out] = verdict(pair["a"], pair["b"], difference, interval, test["pvalue"], pair["num_examples"],
+                                metric=metric, test=test["test"], adjusted=test.get("adjusted_pvalue"),
+                                reason=test.get("reason"))
+
+
 def format_pvalue(pvalue) -> str:
     """'p = 0.21', 'p = 0.003', 'p < 0.001'; enough digits that the printed value is on the same side of α."""
     if pvalue is None:

@@ -259,7 +259,13 @@ def read_predictions_with_logits(path):
         return np.asarray([[float(row[i]) for i in columns] for row in rows], np.float64).reshape(-1, len(columns))
 
     logits = numbers(logit_columns) if len(logit_columns) == len(names) else None
-    return ids, labels, numbers(probability_columns), logits, names
+    probabilities = numbers(probability_columns)
+    # Files from before full precision: rounding can tie the top two classes, and a tie breaks to the first.
+    differ = sum(names[int(k)] != row[2] for k, row in zip(probabilities.argmax(-1), rows))
+    if differ:
+        log.warning("%s: %d rows' recorded prediction is not the arg-max of their (rounded) probabilities; re-run "
+                    "python -m jaxmed.evaluate to write full-precision values", path, differ)
+    return ids, labels, probabilities, logits, names
 
 
 def groups_for(ids, *splits_csvs):
