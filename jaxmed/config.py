@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.calibrate = True  # fit a temperature on val (min NLL); reports, operating point and predict use it
     config.eval.positive_class = ""  # a class name: choose on val the threshold reaching target_recall for it
     config.eval.target_recall = 0.99
-    config.eval.bootstrap = 1000  # resamples for the 95% confidence intervals; 0 disables
+    config.eval.bootstrap = 1000  # resamples for the κ / F1 / AUC 95% intervals; 0 disables (proportions keep theirs)
+    config.eval.proportion_interval = "wilson"  # accuracy, recall, precision, sensitivity…: wilson | clopper-pearson
     config.eval.seed = 0
     config.eval.ood_method = ""  # energy | mahalanobis | rmds | vim | knn; empty: the architecture's default
     #                              (jaxmed/evaluate/ood.py DEFAULT_METHOD); every detector is reported either way

@@ -69,10 +69,18 @@ def summarise(workdir, folds: int, eval_config) -> dict:
         defined = [value for value in values if value is not None]
         per_metric[name] = {"mean": float(np.mean(defined)) if defined else None,
                             "sd": float(np.std(defined, ddof=1)) if len(defined) > 1 else None, "values": values}
+    notes = []
     for class_name in reports[0]["class_names"]:
-        values = [fold_report["per_class"][class_name]["recall"] for fold_report in reports]
-        per_metric[f"recall/{class_name}"] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)),
+        # A fold without the class has no recall for it (older reports wrote 0): n/a, left out of the mean.
+        values = [row["recall"] if row["support"] else None
+                  for row in (fold_report["per_class"][class_name] for fold_report in reports)]
+        defined = [value for value in values if value is not None]
+        per_metric[f"recall/{class_name}"] = {"mean": float(np.mean(defined)) if defined else None,
+                                              "sd": float(np.std(defined, ddof=1)) if len(defined) > 1 else None,
                                               "values": values}
+        if len(defined) < folds:
+            notes.append(f"{class_name} is absent from {folds - len(defined)} of {folds} folds' test splits: its "
+                         f"recall mean is over the {len(defined)} folds that have it")
     ids, labels, probabilities, names = [], [], [], None
     for fold in range(folds):
         fold_ids, fold_labels, fold_probabilities, names = report.read_predictions(
@@ -83,10 +91,12 @@ def summarise(workdir, folds: int, eval_config) -> dict:
     labels, probabilities = np.concatenate(labels), np.concatenate(probabilities)
     if len(set(ids)) != len(ids):
         raise JaxmedError(f"the folds' test splits overlap in {workdir}: an image was held out twice")
+    groups = report.groups_for(ids, *(workdir / f"fold_{fold}" / "splits.csv" for fold in range(folds)))
     pooled = metrics.classification_metrics(labels, probabilities, names, bootstrap=eval_config.bootstrap,
-                                            seed=eval_config.seed)
+                                            seed=eval_config.seed, groups=groups,
+                                            proportion_method=getattr(eval_config, "proportion_interval", "wilson"))
     pooled["calibration"] = calibration.calibration_metrics(labels, probabilities)
-    summary = {"folds": folds, "metrics": per_metric, "pooled": pooled,
+    summary = {"folds": folds, "metrics": per_metric, "pooled": pooled, "notes": notes,
                "images_per_fold": [fold_report["num_examples"] for fold_report in reports]}
     out = workdir / "cv"
     if jax.process_index() == 0:
@@ -122,6 +132,8 @@ def markdown(summary: dict) -> str:
               f"- macro F1: {pooled['macro']['f1']:.4f}",
               f"- ROC AUC (macro): {report.format_number(pooled['roc_auc']['macro'])}",
               f"- ECE (15 bins): {pooled['calibration']['ece_15']:.4f}", ""]
+    lines += [f"Note: {note}." for note in summary.get("notes") or []]
+    lines += report.interval_methods_lines(pooled.get("ci95_methods"))
     return "\n".join(lines)
 
 

@@ -161,7 +161,7 @@ def test_calibration_metrics_is_json_serialisable_and_consistent():
     logits, labels = _calibrated(400, seed=4)
     probabilities = softmax(3 * logits, axis=1)
     report = json.loads(json.dumps(calibration.calibration_metrics(labels, probabilities), allow_nan=False))
-    assert set(report) == {"num_examples", "ece_15", "ece_adaptive_15", "mce", "brier", "nll", "bins"}
+    assert set(report) == {"num_examples", "ece_15", "ece_adaptive_15", "mce", "brier", "brier_kind", "nll", "bins"}
     assert report["ece_15"] == calibration.expected_calibration_error(labels, probabilities, 15)
     assert report["ece_adaptive_15"] == calibration.expected_calibration_error(labels, probabilities, 15, True)
     assert report["mce"] >= report["ece_15"] > 0 and sum(report["bins"]["count"]) == 400

@@ -36,6 +36,9 @@ def test_end_of_training_writes_the_full_evaluation(run_dir):
     assert set(report["per_class"]) == {"glioma", "meningioma", "no_tumor", "pituitary"}
     low, high = report["ci95"]["accuracy"]
     assert low <= report["accuracy"] <= high
+    assert report["ci95_methods"]["accuracy"] == {"method": "Wilson score", "unit": "image", "note": None}
+    assert report["ci95_methods"]["cohen_kappa"]["unit"] == "image"
+    assert "95% intervals:" in (out / "report.md").read_text()
     point = report["operating_point"]
     assert point["positive_class"] == "meningioma" and point["chosen_on"] == "val"
     assert point["val"]["sensitivity"] >= 0.9  # reached on val, where it was chosen
@@ -52,7 +55,9 @@ def test_predictions_csv_has_every_image_once_with_its_probabilities(run_dir):
     names = ["glioma", "meningioma", "no_tumor", "pituitary"]
     for row in rows:
         probabilities = np.array([float(row[f"p_{n}"]) for n in names])
+        logits = np.array([float(row[f"logit_{n}"]) for n in names])
         assert abs(probabilities.sum() - 1) < 1e-4
+        assert logits.argmax() == probabilities.argmax()
         assert row["prediction"] == names[int(probabilities.argmax())]
     report = json.loads((run_dir / "eval/test/report.json").read_text())
     accuracy = np.mean([row["label"] == row["prediction"] for row in rows])

@@ -52,7 +52,9 @@ def test_hand_computed_three_classes():
     assert report["per_class"]["c"] == pytest.approx({"precision": 1.0, "recall": 1 / 2, "f1": 2 / 3, "support": 2})
     assert report["macro"]["f1"] == pytest.approx((1 / 2 + 0.8 + 2 / 3) / 3)
     assert report["macro"]["precision"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
-    assert report["ci95"] is None
+    # bootstrap=0 turns off the resampled intervals only; proportions keep their closed-form (Wilson) ones.
+    assert report["ci95"]["f1_macro"] is None and report["ci95"]["cohen_kappa"] is None
+    assert report["ci95"]["accuracy"][0] < 4 / 6 < report["ci95"]["accuracy"][1]
     assert "sensitivity" not in report
 
 

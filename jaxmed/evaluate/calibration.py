@@ -17,10 +17,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp, softmax
-from sklearn.metrics import log_loss
+from sklearn.metrics import brier_score_loss, log_loss
 
 BINS = 15
 _LOG_T_BOUNDS = (math.log(0.05), math.log(20.0))
+_AT_BOUND = 1e-3  # a fitted log T this close to a bound counts as stopped there
 _SUM_TOLERANCE = 1e-4  # float32 softmax rows sum to 1 within ~1e-6; anything further off is not probabilities
 _DPI = 120
 
@@ -89,17 +90,50 @@ def negative_log_likelihood(labels, probabilities) -> float:
 
 
 def calibration_metrics(labels, probabilities) -> dict:
-    """Everything a report needs: ECE (15 equal-width and 15 equal-mass bins), MCE, Brier, NLL and the bins."""
+    """Everything a report needs: ECE (15 equal-width and 15 equal-mass bins), MCE, Brier (and which), NLL, bins."""
     labels, probabilities = _check_inputs(labels, probabilities)
     return {
         "num_examples": int(len(labels)),
         "ece_15": expected_calibration_error(labels, probabilities, BINS),
         "ece_adaptive_15": expected_calibration_error(labels, probabilities, BINS, adaptive=True),
         "mce": maximum_calibration_error(labels, probabilities, BINS),
-        "brier": brier_score(labels, probabilities),
+        **_brier(labels, probabilities),
         "nll": negative_log_likelihood(labels, probabilities),
         "bins": reliability_bins(labels, probabilities, BINS),
     }
+
+
+def _brier(labels, probabilities) -> dict:
+    """Binary tasks: the usual Brier of the positive class (class 1), in [0, 1]; else the multi-class sum, in [0, 2].
+
+    The multi-class score of a two-class task is exactly twice the binary one, which readers would misread.
+    """
+    if probabilities.shape[1] == 2:
+        return {"brier": float(brier_score_loss(labels == 1, probabilities[:, 1])),
+                "brier_kind": "binary Brier (positive class: class 1)"}
+    return {"brier": brier_score(labels, probabilities), "brier_kind": "multi-class Brier (sum over classes)"}
+
+
+def choose_temperature(val_logits, val_labels) -> dict:
+    """The temperature to apply, or T = 1 with the reason when a fit would not be honest.
+
+    A validation set with no wrong predictions is best fitted by T → 0 (every probability pushed to 1), and a fit
+    that stops at its search bound is no minimum at all: applied to test, either makes every mistake look certain.
+    → {"temperature", "applied", "reason", "fitted"}: `fitted` is the optimiser's value, kept for the record.
+    """
+    logits = _check_logits(val_logits)
+    labels = np.asarray(val_labels)
+    fitted = fit_temperature(logits, labels)
+    errors = int(np.sum(logits.argmax(1) != labels))
+    reason = None
+    if errors == 0:
+        reason = (f"validation has no misclassified image (0 of {len(labels)}): its NLL falls as T → 0, so no "
+                  "temperature can be fitted")
+    elif min(abs(math.log(fitted) - bound) for bound in _LOG_T_BOUNDS) < _AT_BOUND:
+        reason = (f"the fit stopped at its search bound (T = {fitted:.4g}, bounds "
+                  f"{math.exp(_LOG_T_BOUNDS[0]):g}–{math.exp(_LOG_T_BOUNDS[1]):g}): no interior minimum")
+    return {"temperature": 1.0 if reason else fitted, "applied": reason is None, "reason": reason,
+            "fitted": fitted}
 
 
 def fit_temperature(val_logits, val_labels) -> float:

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from jaxmed.errors import JaxmedError
-from jaxmed.evaluate import compare_figures, html, metrics, paired
-from jaxmed.evaluate.report import read_predictions
+from jaxmed.evaluate import compare_figures, html, intervals, metrics, paired
+from jaxmed.evaluate.report import groups_for, read_predictions
 
 log = logging.getLogger("jaxmed.compare")
 
@@ -63,7 +63,8 @@ def compare(workdirs, out, *, split: str = "test", names=None, resamples: int = 
     workdirs = [Path(w).expanduser() for w in workdirs]
     run_names = choose_names(workdirs, names)
     runs = align([load_run(workdir, split, name) for workdir, name in zip(workdirs, run_names)])
-    comparison = score(runs, split=split, resamples=resamples, seed=seed)
+    groups = groups_for(runs[0].ids, runs[0].workdir / "splits.csv")  # patients make the unit of every interval
+    comparison = score(runs, split=split, resamples=resamples, seed=seed, groups=groups)
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -159,44 +160,62 @@ def align(runs: list[RunPredictions]) -> list[RunPredictions]:
     return aligned
 
 
-def score(runs: list[RunPredictions], *, split: str, resamples: int, seed: int) -> dict:
-    """comparison.json: the run table and every pair's tests, as plain JSON values (None where undefined)."""
+def score(runs: list[RunPredictions], *, split: str, resamples: int, seed: int, groups=None) -> dict:
+    """comparison.json: the run table and every pair's tests, as plain JSON values (None where undefined).
+
+    With more than two runs every pair is a test, so the chance of a false winner grows with the number of pairs:
+    each family of p-values (accuracy; AUC) is Holm-adjusted, both are reported, and the verdicts use the adjusted.
+    """
     labels, class_names = runs[0].labels, runs[0].class_names
     table = []
     for run in runs:
         table.append({"name": run.name, "workdir": str(run.workdir),
-                      "metrics": run_metrics(labels, run.probabilities, class_names, resamples=resamples, seed=seed),
+                      "metrics": run_metrics(labels, run.probabilities, class_names, resamples=resamples, seed=seed,
+                                             groups=groups),
                       "training": run.training, "conformal": run.conformal})
-    pairs = [compare_pair(a, b, resamples=resamples, seed=seed) for a, b in itertools.combinations(runs, 2)]
+    pairs = [compare_pair(a, b, resamples=resamples, seed=seed, groups=groups)
+             for a, b in itertools.combinations(runs, 2)]
+    for key in ("accuracy_test", "auc_test"):
+        tests = [pair[key] for pair in pairs if pair.get(key)]
+        if len(runs) > 2:
+            paired.holm(tests)
+    for pair in pairs:
+        paired.pair_verdicts(pair, class_names)
     return {"split": split, "num_examples": int(len(labels)), "class_names": list(class_names),
-            "bootstrap": {"resamples": int(resamples), "seed": int(seed)}, "runs": table, "pairs": pairs}
+            "bootstrap": {"resamples": int(resamples), "seed": int(seed)},
+            "unit": "patient" if groups is not None else "image",
+            "multiplicity": "Holm over the pairs" if len(runs) > 2 else None, "runs": table, "pairs": pairs}
 
 
-def run_metrics(labels, probabilities, class_names: list[str], *, resamples: int = 1000, seed: int = 0) -> dict:
+def run_metrics(labels, probabilities, class_names: list[str], *, resamples: int = 1000, seed: int = 0,
+                groups=None) -> dict:
     """{metric: {"value", "ci95"}} plus "recall": {class: {"value", "ci95"}} for one run.
 
-    Point values are metrics.classification_metrics' (so they match the run's report.json); the intervals are
-    percentile intervals over `resamples` resamples of the images, drawn exactly as paired.paired_bootstrap draws
-    them for the same seed, so every run and every pair is scored on the same resampled test sets. A class absent
-    from the split has no recall (None), not a recall of 0.
+    Point values are metrics.classification_metrics' (so they match the run's report.json). Accuracy and recall
+    are proportions, with its Wilson intervals; the others are percentile intervals over `resamples` resamples of
+    the images (patients with `groups`), drawn exactly as paired.paired_bootstrap draws them for the same seed, so
+    every run and every pair is scored on the same resampled test sets. A class absent from the split has no
+    recall (None), not a recall of 0.
     """
-    report = metrics.classification_metrics(labels, probabilities, class_names, bootstrap=0)
+    report = metrics.classification_metrics(labels, probabilities, class_names, bootstrap=0, groups=groups)
     values = {"accuracy": report["accuracy"], "balanced_accuracy": report["balanced_accuracy"],
               "cohen_kappa": report["cohen_kappa"], "f1_macro": report["macro"]["f1"],
               "roc_auc_macro": report["roc_auc"]["macro"]}
-    draws = bootstrap_draws(labels, probabilities, len(class_names), resamples=resamples, seed=seed)
-    result = {key: {"value": values[key], "ci95": _interval(draws[key]) if values[key] is not None else None}
-              for key, _ in RUN_METRICS}
+    draws = bootstrap_draws(labels, probabilities, len(class_names), resamples=resamples, seed=seed, groups=groups)
+    unit = "patient" if groups is not None else "image"
+    result = {key: {"value": values[key], "ci95": _interval(draws[key]) if values[key] is not None else None,
+                    "method": "percentile bootstrap", "unit": unit} for key, _ in RUN_METRICS}
+    result["accuracy"] |= {"ci95": report["ci95"]["accuracy"], **report["ci95_methods"]["accuracy"]}
     result["recall"] = {}
-    for index, name in enumerate(class_names):
+    for name in class_names:
         present = report["per_class"][name]["support"] > 0
         result["recall"][name] = {"value": report["per_class"][name]["recall"] if present else None,
-                                  "ci95": _interval(draws["recall"][:, index]) if present else None,
+                                  "ci95": report["ci95"]["recall"][name] if present else None,
                                   "support": report["per_class"][name]["support"]}
     return result
 
 
-def bootstrap_draws(labels, probabilities, num_classes: int, *, resamples: int, seed: int) -> dict:
+def bootstrap_draws(labels, probabilities, num_classes: int, *, resamples: int, seed: int, groups=None) -> dict:
     """Each metric on each resample: {"accuracy": (R,), …, "recall": (R, classes)}; NaN where undefined.
 
     A resample is a row of image multiplicities; its confusion matrix comes from one reduceat over the images
@@ -212,12 +231,9 @@ def bootstrap_draws(labels, probabilities, num_classes: int, *, resamples: int, 
     auc_classes = [1] if num_classes == 2 else list(range(num_classes))
     ranked = [paired._rank_prepare(probabilities[:, k], labels == k) for k in auc_classes]
 
-    rng = np.random.default_rng(seed)
-    chunk = max(1, paired._BOOTSTRAP_CHUNK_ELEMENTS // n)  # paired's chunking, hence its very draws
     out = {key: [] for key in ("accuracy", "balanced_accuracy", "cohen_kappa", "f1_macro", "roc_auc_macro", "recall")}
-    for start in range(0, resamples, chunk):
-        size = min(chunk, resamples - start)
-        weights = paired._multiplicities(rng.integers(0, n, size=(size, n)), n)
+    for weights in paired.resampled_weights(intervals.group_codes(groups, n)[0], resamples, seed):  # paired's draws
+        size = len(weights)
         confusion = np.zeros((size, num_classes * num_classes))
         confusion[:, present_cells] = np.add.reduceat(weights[:, cell_order], cell_starts, axis=1)
         for key, value in _from_confusions(confusion.reshape(size, num_classes, num_classes)).items():
@@ -246,17 +262,25 @@ def _from_confusions(confusion) -> dict:
             "recall": recall}
 
 
-def compare_pair(a: RunPredictions, b: RunPredictions, *, resamples: int, seed: int) -> dict:
-    """McNemar, the paired bootstrap of the differences, DeLong for two classes, and the verdict lines."""
+def compare_pair(a: RunPredictions, b: RunPredictions, *, resamples: int, seed: int, groups=None) -> dict:
+    """McNemar, the paired bootstrap of the differences, DeLong for two classes; the tests the verdicts use.
+
+    Independent images: accuracy is decided by the exact McNemar test with its own exact conditional interval, and
+    AUC by DeLong. Images grouped by patient: both tests assume independent images, so the decision is the
+    patient-level paired bootstrap's (its p agrees with its interval); McNemar and DeLong are kept for reference.
+    """
     labels, n = a.labels, len(a.labels)
     correct = [run.probabilities.argmax(-1) == labels for run in (a, b)]
     mcnemar = paired.mcnemar_exact(*correct)
-    bootstrap = paired.paired_bootstrap(labels, a.probabilities, b.probabilities, resamples=resamples, seed=seed)
-    accuracy = bootstrap["accuracy"]
+    bootstrap = paired.paired_bootstrap(labels, a.probabilities, b.probabilities, resamples=resamples, seed=seed,
+                                        groups=groups)
     pair = {"a": a.name, "b": b.name, "num_examples": n, "mcnemar": mcnemar, "paired_bootstrap": bootstrap,
-            "delong": None,
-            "verdict": paired.verdict(a.name, b.name, _pp(accuracy["difference"]), _pp(accuracy["ci95"]),
-                                      mcnemar["pvalue"], n)}
+            "delong": None}
+    if groups is None:
+        pair["accuracy_test"] = {"test": "McNemar", "pvalue": mcnemar["pvalue"], "difference": mcnemar["difference"],
+                                 "ci95": mcnemar["ci95"], "method": mcnemar["ci95_method"], "unit": "image"}
+    else:
+        pair["accuracy_test"] = paired.bootstrap_test(bootstrap["accuracy"], "McNemar")
     if len(a.class_names) == 2:
         try:
             pair["delong"] = paired.delong(labels, a.probabilities[:, 1], b.probabilities[:, 1])
@@ -264,9 +288,10 @@ def compare_pair(a: RunPredictions, b: RunPredictions, *, resamples: int, seed: 
             pair["delong_skipped"] = str(error)
         else:
             test = pair["delong"]
-            pair["auc_verdict"] = paired.verdict(a.name, b.name, _pp(test["difference"]), _pp(test["ci95"]),
-                                                 test["pvalue"], n, metric=f"ROC AUC ({a.class_names[1]})",
-                                                 test="DeLong")
+            pair["auc_test"] = ({"test": "DeLong", "pvalue": test["pvalue"], "difference": test["difference"],
+                                 "ci95": test["ci95"], "method": "DeLong's normal approximation", "unit": "image",
+                                 "reason": test["no_test_reason"]} if groups is None
+                                else paired.bootstrap_test(bootstrap["roc_auc_macro"], "DeLong"))
     return pair
 
 
@@ -275,7 +300,9 @@ def summary(comparison: dict, out: Path) -> dict:
     pairs = []
     for pair in comparison["pairs"]:
         bootstrap = pair["paired_bootstrap"]
-        row = {"a": pair["a"], "b": pair["b"], "mcnemar_p": pair["mcnemar"]["pvalue"]}
+        row = {"a": pair["a"], "b": pair["b"], "mcnemar_p": pair["mcnemar"]["pvalue"],
+               "accuracy_test": pair["accuracy_test"]["test"], "accuracy_p": pair["accuracy_test"]["pvalue"],
+               "accuracy_p_holm": pair["accuracy_test"].get("adjusted_pvalue")}
         for key, _ in PAIRED_METRICS:
             row[f"{key}_difference"] = bootstrap[key]["difference"]
             row[f"{key}_ci95"] = bootstrap[key]["ci95"]
@@ -291,12 +318,15 @@ def markdown(comparison: dict) -> str:
     """comparison.json for people: the runs side by side, then every pair's differences, tests and verdict."""
     runs, names = comparison["runs"], comparison["class_names"]
     binary = len(names) == 2
-    boot = comparison["bootstrap"]
+    boot, unit = comparison["bootstrap"], comparison.get("unit", "image")
     lines = [f"# {len(runs)} runs compared on {comparison['split']}: {comparison['num_examples']} images, "
              f"{len(names)} classes", "",
-             f"Values with 95% intervals: percentile bootstrap over {boot['resamples']} resamples of the images (seed "
-             f"{boot['seed']}), the same resamples for every run. Predictions are the arg-max of each run's "
-             "predictions.csv.", "",
+             f"Values with 95% intervals: accuracy and recall Wilson score"
+             f"{' (effective n = n / design effect, patients as clusters)' if unit == 'patient' else ''}; the others "
+             f"percentile bootstrap over {boot['resamples']} resamples of the {unit}s (seed {boot['seed']}), the same "
+             "resamples for every run. Predictions are the arg-max of each run's predictions.csv."
+             + (f" With {len(runs)} runs every pair is a test: p-values are Holm-adjusted and the verdicts use the "
+                "adjusted ones." if comparison.get("multiplicity") else ""), "",
              "| | " + " | ".join(run["name"] for run in runs) + " |", "|---|" + "---|" * len(runs)]
     for key, label in RUN_METRICS:
         if key == "roc_auc_macro" and binary:
@@ -309,22 +339,34 @@ def markdown(comparison: dict) -> str:
                        ("images_per_second", "train images / s")):
         lines.append(f"| {label} | " + " | ".join(_training(run["training"], key) for run in runs) + " |")
     lines += _conformal_rows(runs)
-    lines += ["", "## Paired differences A − B (percentage points, paired-bootstrap 95% interval)", "",
+    lines += ["", f"## Paired differences A − B (percentage points, paired-bootstrap 95% interval, {unit}s "
+              "resampled)", "",
               "| A − B | " + " | ".join(label for _, label in _paired_labels(names))
-              + " | McNemar (only A right / only B right) |" + (" DeLong |" if binary else ""),
-              "|---|" + "---|" * (len(PAIRED_METRICS) + 1 + binary)]
+              + " | McNemar (only A right / only B right) |" + (" DeLong |" if binary else "")
+              + " accuracy test: interval, p (Holm) |",
+              "|---|" + "---|" * (len(PAIRED_METRICS) + 2 + binary)]
     for pair in comparison["pairs"]:
         bootstrap, test = pair["paired_bootstrap"], pair["mcnemar"]
         cells = [_difference(bootstrap[key]) for key, _ in PAIRED_METRICS]
         cells.append(f"{paired.format_pvalue(test['pvalue'])} ({test['b']} / {test['c']})")
         if binary:
             cells.append(paired.format_pvalue(pair["delong"]["pvalue"]) if pair["delong"] else "n/a")
+        deciding = pair["accuracy_test"]
+        adjusted = deciding.get("adjusted_pvalue")
+        cells.append(f"{deciding['test']}: {_difference(deciding)}, {paired.format_pvalue(deciding['pvalue'])}"
+                     + (f" ({paired.format_pvalue(adjusted)[2:]})" if "adjusted_pvalue" in deciding else ""))
         lines.append(f"| {pair['a']} − {pair['b']} | " + " | ".join(cells) + " |")
+    methods = {pair["accuracy_test"]["method"] for pair in comparison["pairs"]}
+    lines += ["", "Accuracy-test intervals: " + "; ".join(sorted(methods)) + "."]
     lines += ["", "## Verdicts", ""]
     for pair in comparison["pairs"]:
         lines.append(f"- {pair['verdict']}")
         if pair.get("auc_verdict"):
             lines.append(f"- {pair['auc_verdict']}")
+        for key in ("accuracy_test", "auc_test"):
+            if (pair.get(key) or {}).get("note"):
+                lines.append(f"- {pair['a']} vs {pair['b']}: {pair[key]['note']}, so the call is the "
+                             f"{pair[key]['test']}'s")
         if pair.get("delong_skipped"):
             lines.append(f"- {pair['a']} vs {pair['b']}: no DeLong test ({pair['delong_skipped']})")
     lines += ["", "Figures: roc_curves.png (every run's ROC curve), differences.png (the paired differences above).",
@@ -343,11 +385,11 @@ def _read(path: Path):
     """predictions.csv → ids, labels, probabilities, class names; a damaged file is named, not a traceback."""
     with open(path, newline="") as handle:
         header = next(csv.reader(handle), [])
-    # p_<class> columns follow the prediction; later columns (ood_score, …) are read by whoever needs them
-    if header[:3] != ["id", "label", "prediction"] or len(header) < 5 or \
-            not all(column.startswith("p_") for column in header[3:5]):  # later: prediction_set, …
+    probability_columns = [column for column in header[3:] if column.startswith("p_")]
+    if header[:3] != ["id", "label", "prediction"] or len(probability_columns) < 2 or \
+            header[3:3 + len(probability_columns)] != probability_columns:  # then logit_<class>…, later columns
         raise JaxmedError(f"{path} is not a predictions file written by jaxmed.evaluate (expected the columns id, "
-                          f"label, prediction, p_<class>…; got {', '.join(header[:6]) or 'nothing'})")
+                          f"label, prediction, p_<class>… [logit_<class>…]; got {', '.join(header[:6]) or 'nothing'})")
     try:
         ids, labels, probabilities, class_names = read_predictions(path)
     except (ValueError, IndexError) as error:
@@ -412,13 +454,6 @@ def _interval(values) -> list[float] | None:
         return None
     low, high = np.percentile(values, [2.5, 97.5])
     return [float(low), float(high)]
-
-
-def _pp(value):
-    """A fraction (or an interval of fractions) in percentage points; None stays None."""
-    if value is None:
-        return None
-    return [100 * v for v in value] if isinstance(value, (list, tuple)) else 100 * value
 
 
 def _with_interval(entry: dict) -> str:

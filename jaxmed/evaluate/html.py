@@ -54,9 +54,10 @@ _CAPTIONS = {
     "stress_examples.png": "One image under every corruption and severity",
 }
 _HEADLINE = (("accuracy", "accuracy", "ci95.accuracy"), ("balanced accuracy", "balanced_accuracy", None),
-             ("Cohen's κ", "cohen_kappa", None), ("macro F1", "macro.f1", "ci95.f1_macro"),
-             ("weighted F1", "weighted.f1", None), ("ROC AUC (macro, one-vs-rest)", "roc_auc.macro", None),
-             ("sensitivity", "sensitivity", None), ("specificity", "specificity", None))
+             ("Cohen's κ", "cohen_kappa", "ci95.cohen_kappa"), ("macro F1", "macro.f1", "ci95.f1_macro"),
+             ("weighted F1", "weighted.f1", None), ("ROC AUC (macro, one-vs-rest)", "roc_auc.macro",
+                                                    "ci95.roc_auc_macro"),
+             ("sensitivity", "sensitivity", "ci95.sensitivity"), ("specificity", "specificity", "ci95.specificity"))
 _CALIBRATION = (("ECE (15 equal-width bins)", "ece_15"), ("ECE (15 equal-mass bins)", "ece_adaptive_15"),
                 ("MCE", "mce"), ("Brier score", "brier"), ("NLL", "nll"), ("images", "num_examples"))
 _MISSING = object()
@@ -99,7 +100,8 @@ def write_cv_html(cv_dir, summary: dict) -> Path:
             for name, row in summary.get("metrics", {}).items()]
     table = _table(["metric", "mean", "sd", *(f"fold {k}" for k in range(folds))], rows) if rows else ""
     pooled = values.child("pooled")
-    body = [intro, _section("Per-fold metrics", table)]
+    notes = "".join(_paragraph(f"Note: {note}.") for note in summary.get("notes") or [])
+    body = [intro, _section("Per-fold metrics", table + notes)]
     if pooled.tree:
         body.append(f"<h2>Pooled out-of-fold predictions ({pooled('num_examples')} images)</h2>")
         body += _classification_sections(pooled, figures, level=3)
@@ -141,13 +143,20 @@ def write_comparison_html(out_dir, comparison: dict) -> Path:
         cells.append(f"{values(('pairs', i, 'mcnemar', 'pvalue'))} ({values(('pairs', i, 'mcnemar', 'b'))} / "
                      f"{values(('pairs', i, 'mcnemar', 'c'))})")
         cells.append(values(("pairs", i, "delong", "pvalue")))
+        deciding = ("pairs", i, "accuracy_test")
+        cells.append(f"{_escape(values.get(deciding + ('test',), ''))} "
+                     f"{values.with_interval(deciding, 'difference')}, p {values(deciding + ('pvalue',))}"
+                     + (f" (Holm {values(deciding + ('adjusted_pvalue',))})"
+                        if values.get(deciding + ("adjusted_pvalue",)) is not _MISSING else ""))
         pair_rows.append(cells)
         verdicts += [pair[key] for key in ("verdict", "auc_verdict") if pair.get(key)]
         if pair.get("delong_skipped"):
             verdicts.append(f"{pair.get('a')} vs {pair.get('b')}: no DeLong test ({pair['delong_skipped']})")
     pair_table = _table(["A − B", *(f"{key.replace('_', ' ')} difference (95% CI)" for key in differences),
-                         "McNemar p (only A right / only B right)", "DeLong p"], pair_rows) if pairs else ""
-    body = [_section("Runs (value, bootstrap 95% CI)", runs_table), _section("Paired differences", pair_table),
+                         "McNemar p (only A right / only B right)", "DeLong p", "accuracy test (95% CI), p"],
+                        pair_rows) if pairs else ""
+    body = [_section("Runs (value, 95% CI: Wilson for accuracy and recall, bootstrap for the rest)", runs_table),
+            _section("Paired differences", pair_table),
             _section("Verdicts", "<ul>" + "".join(f"<li>{_escape(v)}</li>" for v in verdicts) + "</ul>"
                      if verdicts else ""),
             _section("Figures", figures.take("roc_curves.png", "differences.png") + figures.rest())]
@@ -221,20 +230,35 @@ def _classification_sections(values: _Values, figures: _Figures, level: int = 2)
 def _headline(values: _Values) -> str:
     rows = [[_escape(label), values(path), values.interval(ci) if ci else ""]
             for label, path, ci in _HEADLINE if values.get(path) is not _MISSING]
-    return _table(["metric", "value", "95% CI"], rows) if rows else ""
+    if not rows:
+        return ""
+    notes = "".join(_paragraph(f"Note: {note}.") for note in values.get("notes", None) or [])
+    return _table(["metric", "value", "95% CI"], rows) + notes + _interval_methods(values.get("ci95_methods", None))
+
+
+def _interval_methods(methods) -> str:
+    """Which method made each 95% interval and which unit (image or patient) it resampled."""
+    if not isinstance(methods, dict) or not methods:
+        return ""
+    rows = [[_escape(key), _escape(made.get("method")), _escape(made.get("unit") or ""),
+             _escape(made.get("note") or "")]
+            for key, made in methods.items() if isinstance(made, dict)]
+    return _table(["95% interval of", "method", "unit", "note"], rows)
 
 
 def _per_class(values: _Values) -> str:
     rows = []
     for name in values.get("per_class", {}) or {}:
-        rows.append([_escape(name), values(("per_class", name, "precision")), values(("per_class", name, "recall")),
+        rows.append([_escape(name), values(("per_class", name, "precision")),
+                     values.interval(("ci95", "precision", name)), values(("per_class", name, "recall")),
                      values.interval(("ci95", "recall", name)), values(("per_class", name, "f1")),
                      values(("roc_auc", "per_class", name)), values(("per_class", name, "support"))])
     for average in ("macro", "weighted"):
         if values.get(average) is not _MISSING:
-            rows.append([f"<em>{average}</em>", values((average, "precision")), values((average, "recall")), "",
+            rows.append([f"<em>{average}</em>", values((average, "precision")), "", values((average, "recall")), "",
                          values((average, "f1")), "", ""])
-    return _table(["class", "precision", "recall", "recall 95% CI", "F1", "ROC AUC", "support"], rows) if rows else ""
+    return _table(["class", "precision", "precision 95% CI", "recall", "recall 95% CI", "F1", "ROC AUC", "support"],
+                  rows) if rows else ""
 
 
 def _confusion(values: _Values) -> str:
@@ -252,14 +276,15 @@ def _calibration(values: _Values) -> str:
         return ""
     # An evaluation has before/after temperature scaling; the pooled cross-validation predictions one set.
     columns = [key for key in ("before", "after") if isinstance(calibration.get(key), dict)] or [None]
-    rows = [[_escape(label), *(calibration((column, key) if column else (key,)) for column in columns)]
-            for label, key in _CALIBRATION]
+    brier = calibration.get((columns[-1], "brier_kind") if columns[-1] else ("brier_kind",), "Brier score")
+    rows = [[_escape(brier if key == "brier" else label),
+             *(calibration((column, key) if column else (key,)) for column in columns)] for label, key in _CALIBRATION]
     text = ""
     if calibration.get("temperature") is not _MISSING:
-        fitted = calibration.get("fitted_on")
+        fitted, reason = calibration.get("fitted_on"), calibration.get("not_applied_reason", None)
         text = _paragraph(f"Temperature T = {calibration('temperature')}, " + (
-            f"fitted on {_escape(fitted)}" if fitted not in (None, _MISSING) else "not fitted (no validation split)"),
-            escaped=True)
+            f"fitted on {_escape(fitted)}" if fitted not in (None, _MISSING) else
+            f"not applied: {_escape(reason)}" if reason else "not fitted (no validation split)"), escaped=True)
     return text + _table(["metric", *(column or "value" for column in columns)], rows)
 
 
@@ -269,8 +294,12 @@ def _operating_point(values: _Values) -> str:
         return ""
     text = _paragraph(f"Threshold {point('threshold')} on P({_escape(point.get('positive_class'))}), chosen on "
                       f"{_escape(point.get('chosen_on'))} for recall ≥ {point('target_recall')}", escaped=True)
-    rows = [[_escape(split), point((split, "sensitivity")), point((split, "specificity")),
-             point((split, "precision")), f"{point((split, 'flagged'))} of {point((split, 'num_examples'))}"]
+    def rate(split, key):
+        interval = point.interval((split, "ci95", key))
+        return point((split, key)) + (f" ({interval})" if interval else "")
+
+    rows = [[_escape(split), rate(split, "sensitivity"), rate(split, "specificity"),
+             rate(split, "precision"), f"{point((split, 'flagged'))} of {point((split, 'num_examples'))}"]
             for split, row in point.tree.items() if isinstance(row, dict) and "sensitivity" in row]
     return text + _table(["split", "sensitivity", "specificity", "precision", "flagged"], rows)
 

@@ -1,4 +1,4 @@
-"""Classification metrics for a report: scikit-learn's numbers, ROC AUC, bootstrap intervals and operating points."""
+"""Classification metrics for a report: scikit-learn's numbers, ROC AUC, 95% intervals and operating points."""
 
 from __future__ import annotations
 
@@ -7,45 +7,129 @@ import math
 import numpy as np
 from sklearn import metrics as skm
 
-# A bootstrap chunk holds at most this many resampled labels, so a large test set does not allocate
-# resamples × examples integers at once.
-_BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000
+from jaxmed.evaluate import intervals, paired
+
 
 
 def classification_metrics(labels, probabilities, class_names: list[str], *, bootstrap: int = 1000,
-                           seed: int = 0) -> dict:
+                           seed: int = 0, groups=None, proportion_method: str = "wilson") -> dict:
     """Everything report.json needs for one split, as plain floats, ints, lists and None (JSON-serialisable).
 
-    Predictions are the arg-max of `probabilities`. Values that are undefined on this split (AUC of a class
-    with no examples, the interval of a recall whose class is absent) are None rather than a crash or a 0.
+    Predictions are the arg-max of `probabilities`. A class absent from this split has no recall, precision, F1 or
+    AUC (None, "n/a" in reports), is left out of the macro averages, and `notes` says so: a 0 there would be a
+    claim about the model that no image supports. Intervals: see `interval_estimates`; `groups` (one patient id per
+    image) makes the patient the unit.
     """
     labels, probabilities = _check_inputs(labels, probabilities, class_names)
     predictions = probabilities.argmax(-1)
     ids = list(range(len(class_names)))
     precision, recall, f1, support = skm.precision_recall_fscore_support(labels, predictions, labels=ids,
                                                                          zero_division=0)
+    predicted = np.bincount(predictions, minlength=len(class_names))
+    present = [i for i in ids if support[i] > 0]
     report = {
         "num_examples": int(len(labels)),
         "class_names": list(class_names),
         "accuracy": float(skm.accuracy_score(labels, predictions)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(labels, predictions)),
         "cohen_kappa": _nullable(skm.cohen_kappa_score(labels, predictions, labels=ids)),
-        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+        "per_class": {name: {"precision": float(precision[i]) if support[i] or predicted[i] else None,
+                             "recall": float(recall[i]) if support[i] else None,
+                             "f1": float(f1[i]) if support[i] else None,
                              "support": int(support[i])} for i, name in enumerate(class_names)},
         "confusion_matrix": skm.confusion_matrix(labels, predictions, labels=ids).tolist(),
         "roc_auc": roc_auc(labels, probabilities, class_names),
     }
     for average in ("macro", "weighted"):
-        p, r, f, _ = skm.precision_recall_fscore_support(labels, predictions, labels=ids, average=average,
+        p, r, f, _ = skm.precision_recall_fscore_support(labels, predictions, labels=present, average=average,
                                                          zero_division=0)
         report[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
+    absent = [class_names[i] for i in ids if not support[i]]
+    report["notes"] = [f"{len(absent)} of {len(class_names)} classes have no images in this split "
+                       f"({', '.join(absent)}): their recall, precision and F1 are n/a and the macro averages are "
+                       f"over the other {len(present)}"] if absent else []
     if len(class_names) == 2:
         # Positive = class 1, the usual convention for (normal, disease) label orders.
         report["sensitivity"] = float(recall[1]) if support[1] else None
         report["specificity"] = float(recall[0]) if support[0] else None
     report["bootstrap"] = {"resamples": int(bootstrap), "seed": int(seed)}
-    report["ci95"] = bootstrap_intervals(labels, predictions, class_names, bootstrap, seed) if bootstrap else None
+    report["ci95"], report["ci95_methods"] = interval_estimates(labels, probabilities, class_names, groups=groups,
+                                                                resamples=bootstrap, seed=seed,
+                                                                proportion_method=proportion_method)
     return report
+
+
+def interval_estimates(labels, probabilities, class_names: list[str], *, groups=None, resamples: int = 1000,
+                       seed: int = 0, proportion_method: str = "wilson") -> tuple[dict, dict]:
+    """95% intervals and how each was made: → (ci95, methods), both keyed like the report.
+
+    Proportions (accuracy, per-class recall and precision, sensitivity, specificity) get Wilson score (or
+    Clopper–Pearson) intervals, valid at 0 and 1 where a percentile bootstrap collapses. Cohen's κ, macro F1 and
+    ROC AUC get a BCa bootstrap (`resamples`; none when 0). With `groups` the patient is the unit of both.
+    """
+    predictions = probabilities.argmax(-1)
+    codes = None if groups is None else intervals.group_codes(groups, len(labels))[0]
+    correct = predictions == labels
+
+    def proportion(mask, hits):
+        return intervals.proportion_entry(hits[mask], None if codes is None else codes[mask], proportion_method)
+
+    entries = {"accuracy": proportion(np.ones(len(labels), bool), correct),
+               "recall": {name: proportion(labels == i, correct) for i, name in enumerate(class_names)},
+               "precision": {name: proportion(predictions == i, correct) for i, name in enumerate(class_names)}}
+    if len(class_names) == 2:
+        entries["sensitivity"], entries["specificity"] = (entries["recall"][class_names[k]] for k in (1, 0))
+    ci = {key: entry["ci95"] for key, entry in entries.items() if "ci95" in entry}
+    ci |= {key: {name: entry["ci95"] for name, entry in entries[key].items()} for key in ("recall", "precision")}
+    per_class = intervals.PROPORTION_METHODS[proportion_method] + (
+        ", effective n = n / each class's design effect (patients as clusters)" if codes is not None else "")
+    methods = {key: {"method": entry["method"] if "method" in entry else per_class,
+                     "unit": "patient" if codes is not None else "image", "note": None}
+               for key, entry in entries.items()}
+    for key, statistic in _bootstrapped_statistics(labels, probabilities, len(class_names)).items():
+        if resamples:
+            made = intervals.bootstrap_interval(statistic, len(labels), groups=groups, resamples=resamples, seed=seed)
+            ci[key] = made["ci95"]
+            methods[key] = {name: made[name] for name in ("method", "unit", "note")}
+        else:
+            ci[key], methods[key] = None, {"method": "none (bootstrap = 0)", "unit": None, "note": None}
+    return ci, methods
+
+
+def _bootstrapped_statistics(labels, probabilities, num_classes: int) -> dict:
+    """κ, macro F1 (over the classes present) and macro ROC AUC as functions of (rows, images) multiplicities."""
+    predictions = probabilities.argmax(-1)
+    cells = np.eye(num_classes * num_classes)[labels * num_classes + predictions]
+    present = np.bincount(labels, minlength=num_classes) > 0
+    auc_classes = [1] if num_classes == 2 else [k for k in range(num_classes) if present[k]]
+    ranked = [paired._rank_prepare(probabilities[:, k], labels == k) for k in auc_classes]
+
+    def confusion(weights):
+        return (weights @ cells).reshape(len(weights), num_classes, num_classes)
+
+    def kappa(weights):
+        matrix = confusion(weights)
+        total = matrix.sum((1, 2))
+        observed = np.trace(matrix, axis1=1, axis2=2) / total
+        chance = (matrix.sum(2) * matrix.sum(1)).sum(1) / total ** 2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(chance < 1, (observed - chance) / (1 - chance), np.nan)
+
+    def f1_macro(weights):
+        matrix = confusion(weights)
+        hits, support, predicted = np.diagonal(matrix, axis1=1, axis2=2), matrix.sum(2), matrix.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.where(support > 0, 2 * hits / (support + predicted), np.nan)  # as the point: present classes
+            return np.nanmean(f1, 1)
+
+    def auc_macro(weights):
+        aucs = np.stack([paired._weighted_auc(weights, prepared) for prepared in ranked], 1)
+        return aucs.mean(1)  # NaN when a class lost all its images or all others: undefined, left out
+
+    statistics = {"cohen_kappa": kappa, "f1_macro": f1_macro}
+    if ranked and all(0 < (labels == k).sum() < len(labels) for k in auc_classes):
+        statistics["roc_auc_macro"] = auc_macro
+    return statistics
 
 
 def roc_auc(labels, probabilities, class_names: list[str]) -> dict:
@@ -66,32 +150,6 @@ def roc_auc(labels, probabilities, class_names: list[str]) -> dict:
         defined = [value for value in per_class.values() if value is not None]
         macro = float(np.mean(defined)) if defined else None
     return {"macro": macro, "per_class": per_class}
-
-
-def bootstrap_intervals(labels, predictions, class_names: list[str], resamples: int = 1000,
-                        seed: int = 0) -> dict:
-    """Percentile 95% intervals of accuracy, macro-F1 and per-class recall over examples resampled with replacement.
-
-    Each resample is reduced to its confusion matrix, from which the metrics follow with the same
-    definitions as scikit-learn's (F1 of a class never predicted nor present is 0, as zero_division=0).
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    predictions = np.asarray(predictions, dtype=np.int64)
-    confusions = _bootstrap_confusions(labels, predictions, len(class_names), resamples, seed)
-    true_positives = np.diagonal(confusions, axis1=1, axis2=2).astype(np.float64)
-    support = confusions.sum(2)
-    predicted = confusions.sum(1)
-    accuracy = true_positives.sum(1) / len(labels)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(support + predicted > 0, 2 * true_positives / (support + predicted), 0.0)
-        recall = np.where(support > 0, true_positives / support, np.nan)
-    present = np.bincount(labels, minlength=len(class_names)) > 0
-    return {
-        "accuracy": _percentile_interval(accuracy),
-        "f1_macro": _percentile_interval(f1.mean(1)),
-        "recall": {name: _percentile_interval(recall[:, i]) if present[i] else None
-                   for i, name in enumerate(class_names)},
-    }
 
 
 def operating_point(val_labels, val_probabilities, positive: int, target_recall: float) -> float:
@@ -116,8 +174,12 @@ def operating_point(val_labels, val_probabilities, positive: int, target_recall:
     return float(scores[flagged_needed - 1])
 
 
-def apply_operating_point(labels, probabilities, positive: int, threshold: float, class_names: list[str]) -> dict:
-    """Positive-vs-rest numbers of the rule `P(positive) >= threshold` (for more than two classes too)."""
+def apply_operating_point(labels, probabilities, positive: int, threshold: float, class_names: list[str], *,
+                          groups=None) -> dict:
+    """Positive-vs-rest numbers of the rule `P(positive) >= threshold` (for more than two classes too).
+
+    Its rates are proportions, so their 95% intervals are Wilson's (patients as clusters with `groups`).
+    """
     labels, probabilities = _check_inputs(labels, probabilities, class_names)
     _check_positive(probabilities, positive)
     is_positive = (labels == positive).astype(np.int64)
@@ -134,33 +196,17 @@ def apply_operating_point(labels, probabilities, positive: int, threshold: float
         "precision": _nullable(skm.precision_score(is_positive, flagged, pos_label=1, zero_division=np.nan)),
         "confusion_matrix_labels": [f"not {name}", name],
         "confusion_matrix": skm.confusion_matrix(is_positive, flagged, labels=[0, 1]).tolist(),
+        **_rate_intervals(is_positive.astype(bool), flagged.astype(bool), groups),
     }
 
 
-def _bootstrap_confusions(labels, predictions, num_classes: int, resamples: int, seed: int) -> np.ndarray:
-    """Confusion matrices of `resamples` resamples, shape (resamples, true, predicted), in bounded-memory chunks."""
-    rng = np.random.default_rng(seed)
-    cells = labels * num_classes + predictions
-    cells_per_matrix = num_classes * num_classes
-    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // len(labels))
-    counts = []
-    for start in range(0, resamples, chunk):
-        size = min(chunk, resamples - start)
-        drawn = cells[rng.integers(0, len(labels), size=(size, len(labels)))]
-        # Offsetting each resample's cells by its own block lets one bincount count every resample at once.
-        drawn += np.arange(size)[:, None] * cells_per_matrix
-        counts.append(np.bincount(drawn.ravel(), minlength=size * cells_per_matrix).reshape(size, num_classes,
-                                                                                              num_classes))
-    return np.concatenate(counts)
-
-
-def _percentile_interval(values) -> list[float] | None:
-    values = np.asarray(values, dtype=np.float64)
-    values = values[~np.isnan(values)]
-    if not len(values):
-        return None
-    low, high = np.percentile(values, [2.5, 97.5])
-    return [float(low), float(high)]
+def _rate_intervals(is_positive, flagged, groups) -> dict:
+    codes = None if groups is None else intervals.group_codes(groups, len(is_positive))[0]
+    hits = is_positive == flagged
+    entries = {name: intervals.proportion_entry(hits[mask], None if codes is None else codes[mask])
+               for name, mask in (("sensitivity", is_positive), ("specificity", ~is_positive), ("precision", flagged))}
+    return {"ci95": {name: entry["ci95"] for name, entry in entries.items()},
+            "ci95_method": {"method": entries["sensitivity"]["method"], "unit": entries["sensitivity"]["unit"]}}
 
 
 def _check_inputs(labels, probabilities, class_names) -> tuple[np.ndarray, np.ndarray]:

@@ -13,8 +13,13 @@ import math
 import numpy as np
 from scipy import stats
 from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
+
+from jaxmed.evaluate import intervals
 
 ALPHA = 0.05
+MCNEMAR_INTERVAL = ("exact conditional: Clopper–Pearson for the share of discordant images A gets right (the inversion "
+                    "of the exact McNemar test), scaled by a 99% Clopper–Pearson range of the discordance rate")
 _Z95 = float(stats.norm.ppf(0.975))
 # A bootstrap chunk holds at most this many resampled indices, so a large test set stays in bounded memory.
 _BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000
@@ -34,16 +39,20 @@ def mcnemar_exact(correct_a, correct_b) -> dict:
     pvalue = 1.0 if b + c == 0 else float(mcnemar(table, exact=True).pvalue)
     n = len(correct_a)
     return {"num_examples": n, "table": table, "b": b, "c": c, "accuracy_a": (both + b) / n,
-            "accuracy_b": (both + c) / n, "difference": (b - c) / n, "pvalue": pvalue}
+            "accuracy_b": (both + c) / n, "difference": (b - c) / n, "pvalue": pvalue,
+            "ci95": intervals.paired_proportion_difference(b, c, n), "ci95_method": MCNEMAR_INTERVAL}
 
 
-def paired_bootstrap(labels, probabilities_a, probabilities_b, *, resamples: int = 1000, seed: int = 0) -> dict:
+def paired_bootstrap(labels, probabilities_a, probabilities_b, *, resamples: int = 1000, seed: int = 0,
+                     groups=None) -> dict:
     """Differences A − B in accuracy, balanced accuracy and macro ROC AUC, with percentile 95% intervals and SEs.
 
     Each resample draws image indices with replacement and scores both models on the SAME indices. Predictions are
     the arg-max. Macro AUC is one-vs-rest over the classes with both outcomes in the resample (binary: the AUC of
     class 1), computed from the multiplicities of the drawn images with a rank (Mann–Whitney) formula, so one
     argsort per class serves every resample. A resample where a metric is undefined is left out of its interval.
+    With `groups` (a patient id per image) whole patients are resampled. Each difference carries the two-sided
+    bootstrap p that agrees with its percentile interval (intervals.bootstrap_pvalue).
     """
     labels, probabilities_a, probabilities_b = _check_probabilities(labels, probabilities_a, probabilities_b)
     if resamples < 1:
@@ -55,26 +64,39 @@ def paired_bootstrap(labels, probabilities_a, probabilities_b, *, resamples: int
     classes = [1] if num_classes == 2 else list(range(num_classes))
     prepared = [[_rank_prepare(s[:, j], labels == k) for j, k in enumerate(classes)] for s in scores]
 
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
+    codes, unit = intervals.group_codes(groups, n)
     draws = {name: [] for name in ("accuracy", "balanced_accuracy", "roc_auc_macro")}
-    for start in range(0, resamples, chunk):
-        size = min(chunk, resamples - start)
-        weights = _multiplicities(rng.integers(0, n, size=(size, n)), n)
+    for weights in resampled_weights(codes, resamples, seed):
         results = [_weighted_metrics(weights, labels, num_classes, correct[m], prepared[m]) for m in (0, 1)]
         for name in draws:
             draws[name].append(results[0][name] - results[1][name])
     ones = np.ones((1, n))
     points = [_weighted_metrics(ones, labels, num_classes, correct[m], prepared[m]) for m in (0, 1)]
-    report = {"num_examples": n, "resamples": int(resamples), "seed": int(seed)}
+    report = {"num_examples": n, "resamples": int(resamples), "seed": int(seed), "unit": unit,
+              "method": "percentile bootstrap of the paired difference"}
     for name, chunks in draws.items():
         a, b = (_nullable(p[name][0]) for p in points)
         values = np.concatenate(chunks)
         values = values[~np.isnan(values)]
         report[name] = {"a": a, "b": b, "difference": None if a is None or b is None else a - b,
                         "ci95": _percentile_interval(values),
-                        "se": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+                        "se": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                        "pvalue": intervals.bootstrap_pvalue(values)}
     return report
+
+
+def resampled_weights(codes: np.ndarray, resamples: int, seed: int):
+    """Chunks of (rows, images) multiplicities, units (images, or patients via `codes`) drawn with replacement.
+
+    Every caller with the same codes and seed sees the very same resamples (compare scores each run and each
+    pair on them). Without groups a unit is an image, and the draws are those of plain image resampling.
+    """
+    rng = np.random.default_rng(seed)
+    units = int(codes.max()) + 1
+    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // max(units, len(codes)))
+    for start in range(0, resamples, chunk):
+        size = min(chunk, resamples - start)
+        yield intervals.unit_weights(rng.integers(0, units, size=(size, units)), codes, units)
 
 
 def delong(labels, scores_a, scores_b) -> dict:
@@ -122,19 +144,61 @@ def delong_slow(labels, scores_a, scores_b) -> dict:
     return _delong_result(np.array(aucs), variance, m, n)
 
 
+def holm(tests: list[dict]) -> None:
+    """Sets each test's "adjusted_pvalue" (Holm over the tests that have a p; None for those without)."""
+    tested = [test for test in tests if test["pvalue"] is not None]
+    for test in tests:
+        test["adjusted_pvalue"] = None
+    if tested:
+        adjusted = multipletests([test["pvalue"] for test in tested], alpha=ALPHA, method="holm")[1]
+        for test, value in zip(tested, adjusted):
+            test["adjusted_pvalue"] = float(value)
+
+
 def verdict(name_a: str, name_b: str, difference_pp, ci_pp, pvalue, n: int, metric: str = "accuracy",
-            test: str = "McNemar") -> str:
-    """One plain-language sentence: the difference in percentage points, its interval, the p-value and the call."""
+            test: str = "McNemar", *, adjusted=None, reason: str | None = None) -> str:
+    """One plain-language sentence: the difference in percentage points, its interval, the p-value and the call.
+
+    `adjusted` (p after Holm's adjustment for the other pairs) decides the call when given. Where the interval and
+    the deciding p disagree about 0 (an adjusted p, or a test not built with the interval), the sentence says so.
+    """
     interval = "[n/a]" if ci_pp is None else f"[{_signed(ci_pp[0])}, {_signed(ci_pp[1])}]"
     difference = "n/a" if difference_pp is None else _signed(difference_pp)
-    head = f"{name_a} − {name_b} {metric} {difference} pp {interval}, {test} {format_pvalue(pvalue)}"
-    if pvalue is None or difference_pp is None:
-        call = "no test possible"
-    elif pvalue < ALPHA and difference_pp != 0:
-        call = f"{name_a if difference_pp > 0 else name_b} is better ({format_pvalue(pvalue)})"
+    deciding = pvalue if adjusted is None else adjusted
+    shown = format_pvalue(pvalue) + ("" if adjusted is None else f" (Holm-adjusted {format_pvalue(adjusted)[2:]})")
+    head = f"{name_a} − {name_b} {metric} {difference} pp {interval}, {test} {shown}"
+    if deciding is None or difference_pp is None:
+        call = "no test possible" + (f" ({reason})" if reason else "")
+    elif deciding < ALPHA and difference_pp != 0:
+        call = f"{name_a if difference_pp > 0 else name_b} is better ({format_pvalue(deciding)})"
     else:
         call = "no evidence of a difference"
+    if deciding is not None and ci_pp is not None and (ci_pp[0] > 0 or ci_pp[1] < 0) != (deciding < ALPHA):
+        excludes = "excludes" if ci_pp[0] > 0 or ci_pp[1] < 0 else "includes"
+        why = "it is not adjusted for the other pairs" if adjusted is not None else f"it is not {test}'s inversion"
+        call += f" (the 95% interval {excludes} 0: {why}; the call follows the test)"
     return f"{head}: {call} on {n} images"
+
+
+def bootstrap_test(entry: dict, replaced: str) -> dict:
+    """The deciding test of a pair whose images share patients: the patient-level paired bootstrap (p and interval
+    agree by construction), in place of `replaced`, which assumes independent images."""
+    return {"test": "patient bootstrap", "pvalue": entry["pvalue"], "difference": entry["difference"],
+            "ci95": entry["ci95"], "method": "percentile bootstrap of the paired difference, patients resampled",
+            "unit": "patient", "note": f"{replaced} assumes independent images; these are grouped by patient"}
+
+
+def pair_verdicts(pair: dict, class_names: list[str]) -> None:
+    """The plain-language lines, from each deciding test (Holm-adjusted p when there are more than two runs)."""
+    for key, out, metric in (("accuracy_test", "verdict", "accuracy"),
+                             ("auc_test", "auc_verdict", f"ROC AUC ({class_names[-1]})")):
+        test = pair.get(key)
+        if test:
+            interval = None if test["ci95"] is None else [100 * v for v in test["ci95"]]
+            difference = None if test["difference"] is None else 100 * test["difference"]
+            pair[out] = verdict(pair["a"], pair["b"], difference, interval, test["pvalue"], pair["num_examples"],
+                                metric=metric, test=test["test"], adjusted=test.get("adjusted_pvalue"),
+                                reason=test.get("reason"))
 
 
 def format_pvalue(pvalue) -> str:
@@ -153,16 +217,22 @@ def format_pvalue(pvalue) -> str:
 def _delong_result(auc, variance: float, m: int, n: int) -> dict:
     difference = float(auc[0] - auc[1])
     se = math.sqrt(max(variance, 0.0))
+    reason = None
     if se > 0:
         z = difference / se
         pvalue = float(2 * stats.norm.sf(abs(z)))
+    elif difference == 0:  # identical rankings: no evidence either way (p = 1, not 0/0)
+        z, pvalue = 0.0, 1.0
     else:
-        # Zero variance (identical rankings, or too few distinct cases): the difference is exact. Equal AUCs are
-        # no evidence (p = 1, not 0/0 = NaN); an unequal pair with no spread at all is reported as p = 0, z None.
-        z, pvalue = (0.0, 1.0) if difference == 0 else (None, 0.0)
+        # Unequal AUCs with no estimated spread (e.g. one model perfect, the other constant, on a few images): the
+        # normal approximation has nothing to scale by, and p = 0 would claim certainty from 4 images.
+        z, pvalue = None, None
+        reason = (f"DeLong's variance estimate is 0 with {m} positives and {n} negatives: too few distinct cases "
+                  "for its normal approximation")
     return {"auc_a": float(auc[0]), "auc_b": float(auc[1]), "difference": difference, "se": se,
             "z": None if z is None else float(z), "pvalue": pvalue,
-            "ci95": [difference - _Z95 * se, difference + _Z95 * se], "num_positives": m, "num_negatives": n}
+            "ci95": None if reason else [difference - _Z95 * se, difference + _Z95 * se], "num_positives": m,
+            "num_negatives": n, "no_test_reason": reason}
 
 
 def _midranks(values) -> np.ndarray:
@@ -205,13 +275,6 @@ def _weighted_metrics(weights, labels, num_classes, correct, prepared) -> dict:
     defined = ~np.isnan(aucs)
     macro = np.where(defined.any(1), np.where(defined, aucs, 0.0).sum(1) / np.maximum(defined.sum(1), 1), np.nan)
     return {"accuracy": hits.sum(1) / support.sum(1), "balanced_accuracy": balanced, "roc_auc_macro": macro}
-
-
-def _multiplicities(indices, n: int) -> np.ndarray:
-    """(resamples, n) counts of how often each image was drawn, by one offset bincount."""
-    size = len(indices)
-    flat = (indices + np.arange(size)[:, None] * n).ravel()
-    return np.bincount(flat, minlength=size * n).reshape(size, n).astype(np.float64)
 
 
 def _check_probabilities(labels, probabilities_a, probabilities_b):

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxmed import train
 from jaxmed.config import load_run_config
-from jaxmed.evaluate import calibration, conformal, figures, html, metrics, ood
+from jaxmed.evaluate import calibration, conformal, figures, html, intervals, metrics, ood
 from jaxmed.errors import JaxmedError
 
 log = logging.getLogger("jaxmed.evaluate")
@@ -45,11 +45,14 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
             predicted[split.name] = train.predict(run, eval_step, params, stats, split)
         return predicted[split.name]
 
-    temperature, fitted_on = 1.0, None
+    temperature, fitted_on, kept_reason = 1.0, None, None
     if ec.calibrate and "val" in run.dataset.splits:
         val_indices, val_logits = logits_of(run.dataset.splits["val"])
-        temperature = calibration.fit_temperature(val_logits, run.dataset.splits["val"].labels[val_indices])
-        fitted_on = "val"
+        chosen = calibration.choose_temperature(val_logits, run.dataset.splits["val"].labels[val_indices])
+        temperature, kept_reason = chosen["temperature"], chosen["reason"]
+        fitted_on = "val" if chosen["applied"] else None
+        if kept_reason:
+            log.warning("temperature scaling not applied (T = 1): %s", kept_reason)
 
     def probabilities(split):
         indices, logits = logits_of(split)
@@ -58,16 +61,22 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
     split = run.dataset.splits[split_name]
     indices, probs = probabilities(split)
     labels = split.labels[indices]
-    report = metrics.classification_metrics(labels, probs, names, bootstrap=ec.bootstrap, seed=ec.seed)
+    groups = _groups_of(split, indices)
+    if ec.proportion_interval not in intervals.PROPORTION_METHODS:
+        raise JaxmedError(f"eval.proportion_interval={ec.proportion_interval!r}: choose "
+                          f"{' or '.join(intervals.PROPORTION_METHODS)}")
+    report = metrics.classification_metrics(labels, probs, names, bootstrap=ec.bootstrap, seed=ec.seed,
+                                            groups=groups, proportion_method=ec.proportion_interval)
     report.update(split=split_name, checkpoint=source)
     if data_overrides:
         report["data_overrides"] = dict(data_overrides)
     uncalibrated = calibration.apply_temperature(logits_of(split)[1], 1.0)
     report["calibration"] = {"temperature": temperature, "fitted_on": fitted_on, "applied": bool(fitted_on),
+                             "not_applied_reason": kept_reason,
                              "before": calibration.calibration_metrics(labels, uncalibrated),
                              "after": calibration.calibration_metrics(labels, probs)}
     if ec.positive_class:
-        report["operating_point"] = _operating_point(run, probabilities, labels, probs, split_name)
+        report["operating_point"] = _operating_point(run, probabilities, labels, probs, split_name, groups)
     report["ood"], fitted_ood, ood_columns = ood.fit_on_run(run, params, stats, flat, split_name, source)
     report["conformal"], conformal_fit, sets = _conformal(run, probabilities, split, indices, labels, probs)
     if jax.process_index() == 0:
@@ -77,6 +86,7 @@ def evaluate_run(run, checkpoints, eval_step, split_name: str, which: str = "bes
             report["explanations"] = checks
         write_report(out, report)
         write_predictions(out / "predictions.csv", [split.ids[i] for i in indices], labels, probs, names,
+                          logits=logits_of(split)[1],
                           prediction_sets=None if sets is None else conformal.set_labels(sets, names),
                           extra_columns=_ood_columns(ood_columns, len(indices)))
         if which == "best":  # what predict applies belongs to the model it uses by default
@@ -99,7 +109,8 @@ def _store_with_run(workdir, report: dict, source: str) -> None:
     """W/calibration.json and W/operating_point.json: what `jaxmed.predict` applies to new images."""
     point = report["calibration"]
     (workdir / "calibration.json").write_text(json.dumps(
-        {"temperature": point["temperature"], "fitted_on": point["fitted_on"], "checkpoint": source}, indent=1) + "\n")
+        {"temperature": point["temperature"], "fitted_on": point["fitted_on"],
+         "not_applied_reason": point.get("not_applied_reason"), "checkpoint": source}, indent=1) + "\n")
     if "operating_point" in report:
         chosen = report["operating_point"]
         (workdir / "operating_point.json").write_text(json.dumps(
@@ -148,7 +159,7 @@ def _store_conformal(workdir, fitted: dict | None, source: str, temperature: flo
             fitted | {"checkpoint": source, "temperature": temperature}, indent=1) + "\n")
 
 
-def _operating_point(run, probabilities, labels, probs, split_name: str) -> dict:
+def _operating_point(run, probabilities, labels, probs, split_name: str, groups=None) -> dict:
     names, ec = run.dataset.class_names, run.config.eval
     if ec.positive_class not in names:
         raise JaxmedError(f"eval.positive_class={ec.positive_class!r} is not a class; the classes are {names}")
@@ -161,8 +172,16 @@ def _operating_point(run, probabilities, labels, probs, split_name: str) -> dict
     threshold = metrics.operating_point(val.labels[val_indices], val_probs, positive, ec.target_recall)
     return {"positive_class": ec.positive_class, "target_recall": ec.target_recall, "chosen_on": "val",
             "threshold": threshold,
-            "val": metrics.apply_operating_point(val.labels[val_indices], val_probs, positive, threshold, names),
-            split_name: metrics.apply_operating_point(labels, probs, positive, threshold, names)}
+            "val": metrics.apply_operating_point(val.labels[val_indices], val_probs, positive, threshold, names,
+                                                 groups=_groups_of(val, val_indices)),
+            split_name: metrics.apply_operating_point(labels, probs, positive, threshold, names, groups=groups)}
+
+
+def _groups_of(split, indices):
+    """The patient id of each predicted image (data.group_pattern), or None: then the image is the unit."""
+    if not split.groups:
+        return None
+    return np.asarray(split.groups, dtype=object)[np.asarray(indices)]
 
 
 def write_report(out, report: dict) -> None:
@@ -183,20 +202,25 @@ def markdown(report: dict) -> str:
              f"{report.get('checkpoint', '?')}", "",
              f"- accuracy: {report['accuracy']:.4f}{interval(ci.get('accuracy'))}",
              f"- balanced accuracy: {report['balanced_accuracy']:.4f}",
-             f"- Cohen's κ: {format_number(report['cohen_kappa'])}",
+             f"- Cohen's κ: {format_number(report['cohen_kappa'])}{interval(ci.get('cohen_kappa'))}",
              f"- macro F1: {report['macro']['f1']:.4f}{interval(ci.get('f1_macro'))}",
-             f"- ROC AUC (macro, one-vs-rest): {format_number(auc['macro'])}"]
+             f"- ROC AUC (macro, one-vs-rest): {format_number(auc['macro'])}{interval(ci.get('roc_auc_macro'))}"]
     if "sensitivity" in report:
-        lines.append(f"- sensitivity {format_number(report['sensitivity'])}, specificity "
-                     f"{format_number(report['specificity'])} (positive: {report['class_names'][1]})")
-    lines += ["", "| class | precision | recall (95% CI) | F1 | ROC AUC | support |", "|---|---|---|---|---|---|"]
-    recall_ci = ci.get("recall") or {}
+        lines.append(f"- sensitivity {format_number(report['sensitivity'])}{interval(ci.get('sensitivity'))}, "
+                     f"specificity {format_number(report['specificity'])}{interval(ci.get('specificity'))} "
+                     f"(positive: {report['class_names'][1]})")
+    lines += ["", "| class | precision (95% CI) | recall (95% CI) | F1 | ROC AUC | support |",
+              "|---|---|---|---|---|---|"]
+    recall_ci, precision_ci = ci.get("recall") or {}, ci.get("precision") or {}
     for name, row in report["per_class"].items():
-        lines.append(f"| {name} | {row['precision']:.4f} | {row['recall']:.4f}{interval(recall_ci.get(name))} | "
-                     f"{row['f1']:.4f} | {format_number(auc['per_class'].get(name))} | {row['support']} |")
+        lines.append(f"| {name} | {format_number(row['precision'])}{interval(precision_ci.get(name))} | "
+                     f"{format_number(row['recall'])}{interval(recall_ci.get(name))} | {format_number(row['f1'])} | "
+                     f"{format_number(auc['per_class'].get(name))} | {row['support']} |")
     for average in ("macro", "weighted"):
         row = report[average]
         lines.append(f"| *{average}* | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | | |")
+    lines += [f"\nNote: {note}." for note in report.get("notes") or []]
+    lines += interval_methods_lines(report.get("ci95_methods"))
     point = report.get("operating_point")
     if point:
         lines += ["", f"## Operating point for {point['positive_class']}", "",
@@ -205,13 +229,23 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|"]
         for split in ("val", report.get("split")):
             row = point[split]
-            lines.append(f"| {split} | {format_number(row['sensitivity'])} | {format_number(row['specificity'])} | "
-                         f"{format_number(row['precision'])} | {row['flagged']} of {row['num_examples']} |")
+            rates = [f"{format_number(row[key])}{interval((row.get('ci95') or {}).get(key))}"
+                     for key in ("sensitivity", "specificity", "precision")]
+            lines.append(f"| {split} | " + " | ".join(rates) + f" | {row['flagged']} of {row['num_examples']} |")
+        method = point.get(report.get("split"), {}).get("ci95_method")
+        if method:
+            lines += ["", f"Intervals: {method['method']} (unit: {method['unit']})."]
     calibrated = report.get("calibration")
     if calibrated:
-        scaled = (f"temperature T = {calibrated['temperature']:.4f} fitted on {calibrated['fitted_on']} (probabilities "
-                  "above are scaled)" if calibrated["applied"] else "no temperature scaling (T = 1)")
-        lines += ["", f"## Calibration: {scaled}", "", "| | ECE (15 bins) | ECE (adaptive) | MCE | Brier | NLL |",
+        if calibrated["applied"]:
+            scaled = (f"temperature T = {calibrated['temperature']:.4f} fitted on {calibrated['fitted_on']} "
+                      "(probabilities above are scaled)")
+        elif calibrated.get("not_applied_reason"):
+            scaled = f"no temperature scaling (T = 1), because {calibrated['not_applied_reason']}"
+        else:
+            scaled = "no temperature scaling (T = 1)"
+        brier = calibrated["after"].get("brier_kind", "Brier")
+        lines += ["", f"## Calibration: {scaled}", "", f"| | ECE (15 bins) | ECE (adaptive) | MCE | {brier} | NLL |",
                   "|---|---|---|---|---|---|"]
         for when in ("before", "after"):
             row = calibrated[when]
@@ -260,41 +294,97 @@ def _conformal_markdown(section: dict | None) -> list[str]:
     return lines
 
 
+def interval_methods_lines(methods: dict | None) -> list[str]:
+    """'How each 95% interval was made' as markdown lines: one per distinct method, with the unit resampled."""
+    if not methods:
+        return []
+    by_method = {}
+    for key, made in methods.items():
+        unit = f"; unit: {made['unit']}" if made.get("unit") else ""
+        note = f"; {made['note']}" if made.get("note") else ""
+        by_method.setdefault(f"{made['method']}{unit}{note}", []).append(key)
+    return ["", "95% intervals:"] + [f"- {', '.join(keys)}: {method}" for method, keys in by_method.items()]
+
+
 def format_number(value) -> str:
     """A metric for tables: 4 decimals, or n/a where it is undefined (None)."""
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def write_predictions(path, ids, labels, probabilities, class_names, *, prediction_sets=None,
+def write_predictions(path, ids, labels, probabilities, class_names, logits=None, *, prediction_sets=None,
                       extra_columns: dict | None = None) -> None:
-    """One row per image: id (file or source id), true and predicted class, the probability of each class, the
+    """One row per image: id, true and predicted class, each class's probability and (when given) logit, the
     conformal prediction set (class names joined by '|') when given, then `extra_columns` ({header: one text cell
-    per image}, e.g. ood_score)."""
+    per image}, e.g. ood_score).
+
+    Numbers are written as Python's repr, the shortest text that reads back to the same float64, so compare and
+    the pooled cross-validation re-read exactly what was scored (6 digits turned 0.9999996 into 1 and made ties);
+    the logits let a later recalibration start from the model's own numbers.
+    """
     extra_columns = extra_columns or {}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
+    logit_columns = [f"logit_{name}" for name in class_names] if logits is not None else []
     sets = ["prediction_set"] if prediction_sets is not None else []
-    writer.writerow(["id", "label", "prediction", *(f"p_{name}" for name in class_names), *sets, *extra_columns])
-    for index, (image_id, label, row) in enumerate(zip(ids, labels, probabilities)):
+    writer.writerow(["id", "label", "prediction", *(f"p_{name}" for name in class_names), *logit_columns, *sets,
+                     *extra_columns])
+    logits = np.asarray(logits, np.float64) if logits is not None else [()] * len(labels)
+    for index, (image_id, label, row, logit_row) in enumerate(zip(ids, labels, np.asarray(probabilities, np.float64),
+                                                                   logits)):
         writer.writerow([image_id, class_names[label], class_names[int(np.argmax(row))],
-                         *(f"{p:.6g}" for p in row), *([prediction_sets[index]] if sets else []),
+                         *(repr(float(p)) for p in row), *(repr(float(v)) for v in logit_row),
+                         *([prediction_sets[index]] if sets else []),
                          *(cells[index] for cells in extra_columns.values())])
     path.write_text(buffer.getvalue())
 
 
 def read_predictions(path) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
-    """predictions.csv → (ids, labels as class indices, probabilities (N, classes), class names)."""
+    """predictions.csv → (ids, labels as class indices, probabilities (N, classes), class names).
+
+    Reads the files of earlier versions too (6 significant digits, no logit columns).
+    """
+    ids, labels, probabilities, _, names = read_predictions_with_logits(path)
+    return ids, labels, probabilities, names
+
+
+def read_predictions_with_logits(path):
+    """predictions.csv → (ids, labels, probabilities, logits or None for files without them, class names)."""
     with open(path, newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader)
         rows = list(reader)
-    columns = [index for index, column in enumerate(header) if index >= 3 and column.startswith("p_")]
-    names = [header[index][2:] for index in columns]  # later columns (prediction_set, …) are not probabilities
+    probability_columns = [i for i, column in enumerate(header) if i >= 3 and column.startswith("p_")]
+    logit_columns = [i for i, column in enumerate(header) if i >= 3 and column.startswith("logit_")]
+    names = [header[i][2:] for i in probability_columns]
     ids = [row[0] for row in rows]
     labels = np.asarray([names.index(row[1]) for row in rows], np.int64)
-    probabilities = np.asarray([[float(row[index]) for index in columns] for row in rows],
-                               np.float64).reshape(-1, len(names))
-    return ids, labels, probabilities, names
+
+    def numbers(columns):
+        return np.asarray([[float(row[i]) for i in columns] for row in rows], np.float64).reshape(-1, len(columns))
+
+    logits = numbers(logit_columns) if len(logit_columns) == len(names) else None
+    probabilities = numbers(probability_columns)
+    # Files from before full precision: rounding can tie the top two classes, and a tie breaks to the first.
+    differ = sum(names[int(k)] != row[2] for k, row in zip(probabilities.argmax(-1), rows))
+    if differ:
+        log.warning("%s: %d rows' recorded prediction is not the arg-max of their (rounded) probabilities; re-run "
+                    "python -m jaxmed.evaluate to write full-precision values", path, differ)
+    return ids, labels, probabilities, logits, names
+
+
+def groups_for(ids, *splits_csvs):
+    """The patient of each image id from W/splits.csv files (data.group_pattern), or None when any image has none:
+    then the image is the unit of every interval."""
+    found = {}
+    for path in splits_csvs:
+        try:
+            with open(path, newline="") as handle:
+                found |= {row["id"]: row["group"] for row in csv.DictReader(handle) if row.get("group")}
+        except FileNotFoundError:
+            continue
+    if not ids or not all(found.get(image_id) for image_id in ids):
+        return None
+    return np.asarray([found[image_id] for image_id in ids], dtype=object)
 
 
 def _figures(run, out, split, indices, labels, probs, confusion) -> None:
