@@ -43,10 +43,11 @@ def main(argv) -> int:
 
         from jaxmed.compile import report
 
-        bar = tqdm(unit="program", desc="compiling", dynamic_ncols=True)
-        records = report.compile_all(_CONFIG.value, _TARGETS.value, num_classes=_NUM_CLASSES.value or None,
-                                     fit_batch=_FIT_BATCH.value, progress=bar)
-        bar.close()
+        for name in _TARGETS.value:  # every name checked before the first (slow) compile
+            targets.target(name)
+        with tqdm(unit="program", desc="compiling", dynamic_ncols=True) as bar:
+            records = report.compile_all(_CONFIG.value, _TARGETS.value, num_classes=_NUM_CLASSES.value or None,
+                                         fit_batch=_FIT_BATCH.value, progress=bar)
     except JaxmedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -8,10 +8,11 @@ import re
 HEADROOM = 0.95  # a program fits when it needs at most 95% of the chip's HBM (allocator fragmentation, runtime)
 
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-# Host round trips inside a step: Python callbacks (jax.debug.print, pure_callback, io_callback), host
-# send/recv, in/outfeed. Each stalls the accelerator until the host answers.
-_HOST_CALLBACK = re.compile(r'custom_call_target="[^"]*callback[^"]*"')
-_HOST_TRANSFER = re.compile(r"is_host_transfer=true|\b(?:infeed|outfeed)\(")
+# Host round trips inside a step: Python callbacks (jax.debug.print, pure_callback, io_callback) are custom calls
+# on CPU/GPU and a host send (then a recv) on TPU; any host send/recv or in/outfeed is a transfer. Each stalls the
+# accelerator until the host answers.
+_HOST_CALLBACK = re.compile(r'custom_call_target="[^"]*callback[^"]*"|\bsend\([^\n]*is_host_transfer=true')
+_HOST_TRANSFER = re.compile(r"\b(?:send|recv|infeed|outfeed)\([^\n]*|\b(?:infeed|outfeed)\(")
 _CUSTOM_CALL = re.compile(r'custom_call_target="([^"]+)"')
 _GROUPED_CONV = re.compile(r"feature_group_count=(\d+)")
 _ATTENTION_MODELS = ("vit", "cvt")
@@ -68,7 +69,9 @@ def structure(text: str, platform: str, model_type: str, dtype: str) -> dict:
         count = len(re.findall(rf"\b{name}(?:-start)?\(", text))
         if count:
             collectives[name] = count
-    return {"host_callbacks": len(_HOST_CALLBACK.findall(text)), "host_transfers": len(_HOST_TRANSFER.findall(text)),
+    transfers = [line for line in _HOST_TRANSFER.findall(text)
+                 if "is_host_transfer=true" in line or line.startswith(("infeed", "outfeed"))]
+    return {"host_callbacks": len(_HOST_CALLBACK.findall(text)), "host_transfers": len(transfers),
             "collectives": collectives,
             "attention_kernel": attention_kernel(targets, text, model_type),
             "grouped_convolutions": sum(1 for groups in _GROUPED_CONV.findall(text) if int(groups) > 1)}

@@ -15,6 +15,9 @@ from jaxmed.errors import JaxmedError
 TRITON_TILING_ERROR = "Couldn't find output tile sizes"
 NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
 MAX_FIT_BATCH = 1 << 14  # per device: past this the doubling stops (every shipped model fits less)
+# Bisection stops when the bracket is within this fraction of the batch that fits: a full-size compile takes
+# minutes here, and a batch known to ~6% is what a user needs to choose one.
+FIT_RESOLUTION = 1 / 16
 
 
 def compile_program(program: programs.Program, target: jtargets.Target, model_type: str, dtype: str) -> dict:
@@ -54,8 +57,10 @@ def _first_lines(text: str, count: int = 3) -> str:
 
 
 def compile_target(config, name: str, *, num_classes: int | None = None, fit_batch: bool = False,
-                   per_device_batch: int | None = None, progress=None) -> list[dict]:
-    """Every program of the run compiled for target `name`; a compiler error becomes a record with `error`."""
+                   per_device_batch: int | None = None, include_eval: bool = True, resolution=FIT_RESOLUTION,
+                   progress=None) -> list[dict]:
+    """Every program of the run compiled for target `name`; a compiler error becomes a record with `error`.
+    `per_device_batch` replaces train.batch_size by that many images per device."""
     target = jtargets.target(name)
     base = {"target": name, "platform": target.platform, "chip": target.chip.name, "hosts": target.hosts}
     devices = jtargets.devices(target)
@@ -63,7 +68,8 @@ def compile_target(config, name: str, *, num_classes: int | None = None, fit_bat
     run = programs.abstract_run(config, mesh, programs.class_names(config, num_classes))
     model_type, dtype = run.spec.hf_config.model_type, str(config.model.dtype)
     records = []
-    for program in [*programs.train_programs(run, name, per_device_batch), programs.eval_program(run, name)]:
+    evals = [programs.eval_program(run, name)] if include_eval else []
+    for program in [*programs.train_programs(run, name, per_device_batch), *evals]:
         entry = {**base, "devices": mesh.size}
         try:
             entry.update(compile_program(program, target, model_type, dtype))
@@ -78,16 +84,18 @@ def compile_target(config, name: str, *, num_classes: int | None = None, fit_bat
         if progress is not None:
             progress.update(1)
     if fit_batch:
-        largest = largest_fitting_batch(run, target, model_type, dtype, records)
+        largest = largest_fitting_batch(run, target, model_type, dtype, records, resolution)
         for entry in records:
             if entry["program"].startswith("train/"):
                 entry["largest_fitting_batch"] = largest
     return records
 
 
-def largest_fitting_batch(run, target, model_type: str, dtype: str, records: list[dict]) -> int | None:
+def largest_fitting_batch(run, target, model_type: str, dtype: str, records: list[dict],
+                          resolution: float = FIT_RESOLUTION) -> int | None:
     """The largest per-device batch whose most memory-hungry train step fits: doubling from the configured batch
-    (halving when it does not fit), then bisecting between the last fit and the first miss."""
+    (halving when it does not fit), then bisecting between the last fit and the first miss until the bracket is
+    within `resolution` of the fitting batch."""
     trains = [r for r in records if r["program"].startswith("train/") and "error" not in r]
     if not trains:
         return None
@@ -98,7 +106,6 @@ def largest_fitting_batch(run, target, model_type: str, dtype: str, records: lis
     def fits(batch: int) -> bool:
         if batch not in cache:
             [program] = programs.train_programs(run, target.name, batch, phases=[phase])
-            started = time.perf_counter()
             lowered = program.step.lower(*program.args)
             try:
                 compiled = lowered.compile()
@@ -111,7 +118,6 @@ def largest_fitting_batch(run, target, model_type: str, dtype: str, records: lis
                 else:
                     raise
             cache[batch] = analysis.fits(analysis.memory(compiled), target.chip.hbm_bytes)
-            del started
         return cache[batch]
 
     start = trains[hungriest]["per_device_batch"]
@@ -130,21 +136,22 @@ def largest_fitting_batch(run, target, model_type: str, dtype: str, records: lis
             high, low = low, low // 2
         if low < 1:
             return 0
-    while high - low > 1:
+    while high - low > max(1, int(low * resolution)):
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
 
 
 def compile_all(config, names: list[str], *, num_classes=None, fit_batch=False, per_device_batch=None,
-                progress=None) -> list[dict]:
+                include_eval=True, resolution=FIT_RESOLUTION, progress=None) -> list[dict]:
     for name in names:  # every name checked before the first (slow) compile
         jtargets.target(name)
     records = []
     for name in names:
         try:
             records.extend(compile_target(config, name, num_classes=num_classes, fit_batch=fit_batch,
-                                          per_device_batch=per_device_batch, progress=progress))
+                                          per_device_batch=per_device_batch, include_eval=include_eval,
+                                          resolution=resolution, progress=progress))
         except JaxmedError as error:
             if "not installed" not in str(error) and len(names) == 1:
                 raise
