@@ -50,7 +50,7 @@ def model_spec(config) -> jrun.ModelSpec:
     hf_config = config_class(**kwargs)
     preprocessor = dict(TABLES[hf_config.model_type][1])
     preprocessor.update(config.model.preprocessor.to_dict())
-    return jrun.ModelSpec(hf_config, preprocessor, None)
+    return jrun.ModelSpec(hf_config, preprocessor, None, remat=jrun._remat(config))
 
 
 @functools.cache

@@ -146,14 +146,32 @@ def fused_attention(q, k, v, *, scale, cudnn: bool):
     to_btnh = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731
     implementation = "cudnn" if cudnn and cudnn_traceable() and cudnn_attention_supported(q) else None
     try:
-        out = jax.nn.dot_product_attention(to_btnh(q), to_btnh(k), to_btnh(v), scale=scale,
-                                           implementation=implementation)
+        if implementation == "cudnn":
+            out = _cudnn_attention(to_btnh(q), to_btnh(k), to_btnh(v), scale)
+        else:
+            out = jax.nn.dot_product_attention(to_btnh(q), to_btnh(k), to_btnh(v), scale=scale)
     except (NotImplementedError, RuntimeError) as error:  # cuDNN refused these shapes or this machine
         if implementation is None:
             raise
         warnings.warn(f"cuDNN attention unavailable for q {q.shape} {q.dtype}: {error}; using XLA's", stacklevel=2)
         out = jax.nn.dot_product_attention(to_btnh(q), to_btnh(k), to_btnh(v), scale=scale, implementation=None)
     return to_btnh(out)
+
+
+def _cudnn_attention(q, k, v, scale):
+    """cuDNN's fused attention on BTNH tensors. Its training kernels refuse odd sequence lengths (ViT-B/16 has 197
+    tokens) when the gradient is traced, after the forward call has returned, where no fallback can catch it: odd
+    lengths are padded by one and the padding masked (cuDNN's padding mask), then sliced off."""
+    queries, keys = q.shape[1], k.shape[1]
+    if queries % 2 == 0 and keys % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    pad = lambda t, length: jnp.pad(t, ((0, 0), (0, length % 2), (0, 0), (0, 0)))  # noqa: E731
+    batch = q.shape[0]
+    out = jax.nn.dot_product_attention(pad(q, queries), pad(k, keys), pad(v, keys), scale=scale,
+                                       implementation="cudnn",
+                                       query_seq_lengths=jnp.full((batch,), queries, jnp.int32),
+                                       key_value_seq_lengths=jnp.full((batch,), keys, jnp.int32))
+    return out[:, :queries]
 
 
 def grouped_depthwise(x, kernel, *, strides, padding):
