@@ -57,6 +57,7 @@ def _first_lines(text: str, count: int = 3) -> str:
 
 
 def compile_target(config, name: str, *, num_classes: int | None = None, fit_batch: bool = False,
+                   fit_only_if_needed: bool = False,
                    per_device_batch: int | None = None, include_eval: bool = True, resolution=FIT_RESOLUTION,
                    progress=None) -> list[dict]:
     """Every program of the run compiled for target `name`; a compiler error becomes a record with `error`.
@@ -83,7 +84,7 @@ def compile_target(config, name: str, *, num_classes: int | None = None, fit_bat
         records.append(entry)
         if progress is not None:
             progress.update(1)
-    if fit_batch:
+    if fit_batch and (not fit_only_if_needed or any(r.get("fits") is False for r in records)):
         largest = largest_fitting_batch(run, target, model_type, dtype, records, resolution)
         for entry in records:
             if entry["program"].startswith("train/"):
@@ -142,7 +143,8 @@ def largest_fitting_batch(run, target, model_type: str, dtype: str, records: lis
     return low
 
 
-def compile_all(config, names: list[str], *, num_classes=None, fit_batch=False, per_device_batch=None,
+def compile_all(config, names: list[str], *, num_classes=None, fit_batch=False, fit_only_if_needed=False,
+                per_device_batch=None,
                 include_eval=True, resolution=FIT_RESOLUTION, progress=None) -> list[dict]:
     for name in names:  # every name checked before the first (slow) compile
         jtargets.target(name)
@@ -150,6 +152,7 @@ def compile_all(config, names: list[str], *, num_classes=None, fit_batch=False, 
     for name in names:
         try:
             records.extend(compile_target(config, name, num_classes=num_classes, fit_batch=fit_batch,
+                                          fit_only_if_needed=fit_only_if_needed,
                                           per_device_batch=per_device_batch, include_eval=include_eval,
                                           resolution=resolution, progress=progress))
         except JaxmedError as error:
