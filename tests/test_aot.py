@@ -152,3 +152,38 @@ def test_h100_step_uses_cudnn_attention_in_bf16():
     assert "error" not in train, train
     assert train["attention_kernel"] == "cudnn" and train["host_callbacks"] == 0 and train["fits"]
     assert train["hbm_traffic_bytes"] is None and train["flops_per_step"] > 0
+
+
+def test_a_triton_tiling_failure_is_compiled_again_without_triton_gemm():
+    """Without autotuning XLA's Triton GEMM may find no tile for a dot (GUIDE §7): that program is compiled again
+    with cuBLAS dots and its record says so. (A stand-in lowered step; the real one needs the GPU compiler.)"""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxmed.compile import programs, report, targets
+
+    mesh = jax.sharding.Mesh(jax.devices("cpu")[:1], ("data",))
+    images = jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+    real = jax.jit(lambda x: x @ x).lower(images)
+    tries = []
+
+    class TritonFailsFirst:
+        def compile(self, compiler_options=None):
+            tries.append(compiler_options)
+            if compiler_options is None:
+                raise RuntimeError("INTERNAL: Couldn't find output tile sizes for dot.1\nmore lines")
+            return real.compile()
+
+        def compiler_ir(self, dialect):
+            return real.compiler_ir(dialect)
+
+    program = programs.Program("train/train", types.SimpleNamespace(lower=lambda *args: TritonFailsFirst()),
+                               ({}, {"image": images}), 8)
+    record = report.compile_program(program, targets.target("h100"), "vit", "bfloat16")
+    assert tries == [None, {"xla_gpu_enable_triton_gemm": False}]
+    assert record["compiler_options"] == {"xla_gpu_enable_triton_gemm": False}
+    assert record["retried_because"].startswith("INTERNAL: Couldn't find output tile sizes")
+    assert record["flops_per_step"] > 0 and record["hbm_traffic_bytes"] is None
