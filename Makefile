@@ -35,7 +35,7 @@ $(VENV)/.installed-aot-tpu: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[torch,dev,aot-tpu]"
 	touch $@
 
-# The CUDA plugin's deviceless compiler for jaxmed.aot's GPU targets (~2.6 GB installed, mostly cuDNN and cuBLAS):
+# The CUDA plugin's deviceless compiler for jaxmed.aot's GPU targets (~2.4 GB installed, mostly cuDNN and cuBLAS):
 # too slow to download for every `make test`, so its tests skip without it and `make test-aot` runs them.
 $(VENV)/.installed-aot-gpu: $(VENV)/.installed-aot-tpu
 	$(PY) -m pip install --quiet -e ".[torch,dev,aot-tpu,aot-gpu]"

@@ -82,6 +82,10 @@ def markdown(records: list[dict]) -> str:
         if r.get("error"):
             lines.append(f"| {r['config']} | {r.get('target', '-')} | error: {r['error'][:80]} |||||||")
             continue
+        if r.get("out_of_memory"):  # the TPU compiler refuses a program larger than HBM
+            lines.append(f"| {r['config']} | {r['target']} | {r['per_device_batch']} | > HBM | no | "
+                         f"{r.get('largest_fitting_batch', '-')} | - | - | - |")
+            continue
         lines.append(f"| {r['config']} | {r['target']} | {r['per_device_batch']} | "
                      f"{r['bytes_per_device'] / 2**30:.2f} | {'yes' if r['fits'] else 'no'} | "
                      f"{r.get('largest_fitting_batch', '-')} | {r['flops_per_image'] / 1e9:.1f} | "

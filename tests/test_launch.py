@@ -359,7 +359,7 @@ def test_up_refuses_a_config_that_does_not_fit_and_names_the_largest_batch(tpu):
     done, calls = tpu("up", *SETTINGS, "--accelerator", "v5litepod-8", *too_big, states=["NOT_FOUND"])
     assert done.returncode == 2, done.stderr[-2000:]
     error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert error and "preflight: train/train needs" in error[0] and "v5litepod-8's 16 GiB" in error[0]
+    assert error and "preflight: train/train needs" in error[0] and "v5litepod-8's 16 GiB chips" in error[0]
     largest = int(error[0].split("the largest train batch that fits is ")[1].split()[0])
     assert 131072 <= largest < 262144 and f"--config.train.batch_size={largest * 8}" in error[0]
     assert calls == []  # nothing created

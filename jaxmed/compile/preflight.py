@@ -48,15 +48,16 @@ def check(accelerator: str, command: list[str]) -> str:
                           f"{accelerator}: {failed[0]['error']}")
     misfits = [r for r in records if not r["fits"]]
     if misfits:
-        worst = max(misfits, key=lambda r: r["bytes_per_device"])
+        worst = max(misfits, key=lambda r: r["bytes_per_device"] or float("inf"))
         largest = next((r["largest_fitting_batch"] for r in records if "largest_fitting_batch" in r), None)
         devices = worst["devices"]
         hint = (f"the largest train batch that fits is {largest} per device (--config.train.batch_size="
                 f"{largest * devices})" if largest else "no train batch fits")
-        raise JaxmedError(f"preflight: {worst['program']} needs {worst['bytes_per_device'] / 2**30:.2f} GiB per "
-                          f"device at {worst['per_device_batch']} images per device, more than 95% of "
-                          f"{accelerator}'s {worst['hbm_bytes'] / 2**30:.0f} GiB; {hint}; "
-                          "or pass --no-preflight")
+        needs = (f"{worst['bytes_per_device'] / 2**30:.2f} GiB" if worst["bytes_per_device"] is not None
+                 else f"more than the HBM (the compiler: {worst['out_of_memory']})")
+        raise JaxmedError(f"preflight: {worst['program']} needs {needs} per device at {worst['per_device_batch']} "
+                          f"images per device; {accelerator}'s {worst['hbm_bytes'] / 2**30:.0f} GiB chips fit "
+                          f"95% of that at most; {hint}; or pass --no-preflight")
     peak = max(r["bytes_per_device"] for r in records)
     return (f"preflight: fits {accelerator} ({peak / 2**30:.2f} GiB per device at most, "
             f"{len(records)} programs compiled)")

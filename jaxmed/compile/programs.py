@@ -93,8 +93,9 @@ def target_mesh(config, devices: list, hosts: int, target_name: str) -> jax.shar
         fsdp = count // data
     size = data * fsdp
     if size < 1 or size > count or (size != count and hosts > 1):
-        raise JaxmedError(f"mesh data={config.mesh.data} × fsdp={config.mesh.fsdp} does not fit {target_name}'s {count} "
-                          "devices; set --config.mesh.data and --config.mesh.fsdp so their product is the device count")
+        raise JaxmedError(f"mesh data={config.mesh.data} × fsdp={config.mesh.fsdp} does not fit {target_name}'s "
+                          f"{count} devices; set --config.mesh.data and --config.mesh.fsdp so their product is the "
+                          "device count")
     grid = np.asarray(devices[:size], dtype=object).reshape(data, fsdp)
     return jax.sharding.Mesh(grid, ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
 
@@ -102,7 +103,7 @@ def target_mesh(config, devices: list, hosts: int, target_name: str) -> jax.shar
 def abstract_run(config, mesh, names: list[str]) -> jrun.Run:
     """A `jaxmed.train.run.Run` without data or weights: what `jrun.setup` builds, minus the dataset."""
     spec = model_spec(config)
-    spec.relabelled = jaxmed_relabel(spec, names)
+    spec.relabelled = _relabel(spec, names)
     preprocessor = jdata.Preprocessor.from_config(spec.preprocessor)
     dtype = jnp.dtype(config.model.dtype)
     abstract = nnx.eval_shape(lambda: jrun.build_model(spec, dtype, config.seed))
@@ -119,11 +120,12 @@ def abstract_run(config, mesh, names: list[str]) -> jrun.Run:
     for phase in plan:
         total += max(1, round(phase.epochs * NOMINAL_STEPS_PER_EPOCH))
         ends.append(total)
-    return jrun.Run(config, None, spec, None, preprocessor, mesh, graph_train, graph_eval, _placeholder_rest(rest, config.seed),
-                    shardings, {"params": params, "stats": stats}, layernorms, NOMINAL_STEPS_PER_EPOCH, plan, ends)
+    return jrun.Run(config, None, spec, None, preprocessor, mesh, graph_train, graph_eval,
+                    _placeholder_rest(rest, config.seed), shardings, {"params": params, "stats": stats}, layernorms,
+                    NOMINAL_STEPS_PER_EPOCH, plan, ends)
 
 
-def jaxmed_relabel(spec, names: list[str]) -> bool:
+def _relabel(spec, names: list[str]) -> bool:
     from jaxmed.convert import hub
     return hub.relabel(spec.hf_config, len(names), dict(enumerate(names)))
 

@@ -4,6 +4,7 @@ structure), the largest batch that fits, a table for people and aot.json for too
 from __future__ import annotations
 
 import json
+import re
 import time
 import traceback
 
@@ -77,6 +78,10 @@ def compile_target(config, name: str, *, num_classes: int | None = None, fit_bat
         except JaxmedError:
             raise
         except Exception as error:  # the compiler's error, reported per target; the other targets still run
+            if out_of_memory(error):  # libtpu refuses a program larger than HBM: it does not fit
+                entry.update(_misfit(program, target, str(error)))
+                records.append(entry)
+                continue
             entry.update({"program": program.name, "per_device_batch": program.per_device_batch, "fits": None,
                           "error": f"{type(error).__name__}: {_first_lines(str(error))}"})
             if not str(error).strip():
@@ -92,6 +97,21 @@ def compile_target(config, name: str, *, num_classes: int | None = None, fit_bat
     return records
 
 
+def out_of_memory(error: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
+
+
+def _misfit(program, target, message: str) -> dict:
+    """The record of a program the compiler refused for want of HBM (TPU compiles fail there, with the size)."""
+    temporaries = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    return {"program": program.name, "per_device_batch": program.per_device_batch, "fits": False,
+            "bytes_per_device": None, "peak_bytes": None, "hbm_bytes": target.chip.hbm_bytes,
+            "temporary_bytes": (int(float(temporaries.group(1)) * scale[temporaries.group(2)])
+                                if temporaries else None),
+            "out_of_memory": _first_lines(message, 1)}
+
+
 def largest_fitting_batch(run, target, model_type: str, dtype: str, records: list[dict],
                           resolution: float = FIT_RESOLUTION) -> int | None:
     """The largest per-device batch whose most memory-hungry train step fits: doubling from the configured batch
@@ -100,7 +120,7 @@ def largest_fitting_batch(run, target, model_type: str, dtype: str, records: lis
     trains = [r for r in records if r["program"].startswith("train/") and "error" not in r]
     if not trains:
         return None
-    hungriest = max(range(len(trains)), key=lambda i: trains[i]["bytes_per_device"])
+    hungriest = max(range(len(trains)), key=lambda i: trains[i]["bytes_per_device"] or float("inf"))
     phase = [p.name for p in run.phases].index(trains[hungriest]["program"].removeprefix("train/"))
     cache = {trains[hungriest]["per_device_batch"]: trains[hungriest]["fits"]}
 
@@ -113,7 +133,7 @@ def largest_fitting_batch(run, target, model_type: str, dtype: str, records: lis
             except Exception as error:
                 if target.platform == "cuda" and TRITON_TILING_ERROR in str(error):
                     compiled = lowered.compile(compiler_options=dict(NO_TRITON_GEMM))
-                elif "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower():
+                elif out_of_memory(error):
                     cache[batch] = False  # the compiler itself refused: the program cannot fit
                     return False
                 else:
@@ -196,6 +216,8 @@ def table(records: list[dict]) -> str:
         rows.append([_cell(record.get(key), kind) for key, _, kind in _COLUMNS])
         if record.get("error"):
             errors.append(f"{record['target']} {record.get('program') or ''}: {record['error']}")
+        if record.get("out_of_memory"):
+            errors.append(f"{record['target']} {record['program']}: does not fit: {record['out_of_memory']}")
         if record.get("retried_because"):
             errors.append(f"{record['target']} {record['program']}: compiled with {record['compiler_options']} "
                           f"after: {record['retried_because']}")
