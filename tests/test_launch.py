@@ -353,13 +353,32 @@ def test_up_compiles_the_config_first_and_goes_on_when_it_fits(tpu):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the aot-tpu extra) is not installed")
-def test_up_refuses_a_config_that_does_not_fit_and_names_the_largest_batch(tpu):
-    """262144 images per chip of the tiny ViT need ~28 GiB; a v5e chip has 16 (131072 need 14.25 GiB)."""
-    too_big = [*TINY_RUN, "--config.train.batch_size=2097152"]
-    done, calls = tpu("up", *SETTINGS, "--accelerator", "v5litepod-8", *too_big, states=["NOT_FOUND"])
-    assert done.returncode == 2, done.stderr[-2000:]
-    error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert error and "preflight: train/train needs" in error[0] and "v5litepod-8's 16 GiB chips" in error[0]
+def test_up_refuses_a_config_that_does_not_fit_and_names_the_largest_batch(tmp_path, monkeypatch, capsys):
+    """In-process with the fake gcloud, on a v5e chip shrunk to 13 MiB of HBM (a config that overflows the real
+    16 GiB compiles for many minutes here): 64 images per chip of the tiny ViT do not fit; nothing is created."""
+    import dataclasses
+
+    from jaxmed.compile import report, targets
+
+    real = targets.target
+    monkeypatch.setattr(report.jtargets, "target", lambda name: dataclasses.replace(
+        real(name), chip=dataclasses.replace(real(name).chip, hbm_bytes=13 * 2**20)))
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin/gcloud"
+    fake.write_text(FAKE_GCLOUD.format(python=sys.executable))
+    fake.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_GCLOUD_LOG", str(log))
+    spec = importlib.util.spec_from_file_location("launch_tpu", ROOT / "launch/tpu.py")
+    launch = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "launch_tpu", launch)  # its dataclasses look their module up there
+    spec.loader.exec_module(launch)
+    code = launch.main(["up", *SETTINGS, "--accelerator", "v5litepod-8", *TINY_RUN,
+                        "--config.train.batch_size=512"])
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and error, error
+    assert "preflight: train/train needs" in error[0] and "at 64 images per device" in error[0]
     largest = int(error[0].split("the largest train batch that fits is ")[1].split()[0])
-    assert 131072 <= largest < 262144 and f"--config.train.batch_size={largest * 8}" in error[0]
-    assert calls == []  # nothing created
+    assert 1 <= largest < 64 and f"--config.train.batch_size={largest * 8}" in error[0]
+    assert not log.exists()  # no gcloud call: nothing described, nothing created

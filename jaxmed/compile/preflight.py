@@ -17,16 +17,18 @@ def command_config(command: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
     config_args = []
     for index, arg in enumerate(command):
         if arg.startswith("--config.") or arg.startswith("--config="):
             config_args.append(arg)
         elif arg == "--config":
             config_args += [arg, command[index + 1]]
+    argv = ["preflight", *config_args]
+    values = flags.FlagValues()
+    # sys_argv: config_flags finds the --config.key overrides to define in the argv it is given
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
     try:
-        values(["preflight", *config_args])
+        values(argv)
     except (flags.Error, AttributeError, KeyError) as error:
         raise JaxmedError(f"preflight: cannot read the command's config ({' '.join(str(error).split())})") from None
     return values.config
