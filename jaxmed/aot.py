@@ -16,6 +16,10 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxmed.compile import targets as _targets
+
+_targets.prepare_process()  # before the config file (parsed with the flags) imports jax
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
 _TARGETS = flags.DEFINE_multi_string("target", [], "a TPU accelerator type (v5litepod-8, v4-32, v6e-8, ...) or a "
                                      "GPU node (h100, h100x8, 2xh100x8, h200x8, a100x8); repeatable")

@@ -37,7 +37,7 @@ def compile_program(program: programs.Program, target: jtargets.Target, model_ty
               "compile_seconds": round(time.perf_counter() - started, 2), **analysis.memory(compiled),
               "hbm_bytes": target.chip.hbm_bytes}
     record["fits"] = analysis.fits(record, target.chip.hbm_bytes)
-    record.update(analysis.cost(compiled, lowered, target.platform, target.devices))
+    record.update(analysis.cost(compiled, lowered, target.platform, program_devices(program)))
     record.update(analysis.roofline(record["flops_per_step"], record["hbm_traffic_bytes"], target.chip,
                                     program.per_device_batch, program_devices(program)))
     record["flops_per_image"] = record["flops_per_step"] / program.per_device_batch

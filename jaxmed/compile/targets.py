@@ -77,6 +77,13 @@ def prepare_process() -> None:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     # libtpu otherwise probes GCE metadata for a TPU it does not need for compiling
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    import sys
+
+    if "jax" in sys.modules:  # imported already (e.g. by a config file): jax read JAX_PLATFORMS at import
+        import jax
+
+        if not jax.config.jax_platforms:
+            jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
 
 
 def devices(target: Target) -> list:
