@@ -76,8 +76,8 @@ def main(argv=None) -> int:
 
 
 def markdown(records: list[dict]) -> str:
-    lines = ["| config | target | batch/device | GiB/device | fits | largest batch/device | GFLOP/image | "
-             "roofline img/s (all devices) | bound |", "|" + "---|" * 9]
+    lines = ["| config | target | batch/device | GiB/device (compiler's peak) | fits | largest batch/device | "
+             "GFLOP/image | roofline img/s (all devices) | bound |", "|" + "---|" * 9]
     for r in records:
         if r.get("error"):
             lines.append(f"| {r['config']} | {r.get('target', '-')} | error: {r['error'][:80]} |||||||")
@@ -87,8 +87,9 @@ def markdown(records: list[dict]) -> str:
                          f"{r.get('largest_fitting_batch', '-')} | - | - | - |")
             continue
         lines.append(f"| {r['config']} | {r['target']} | {r['per_device_batch']} | "
-                     f"{r['bytes_per_device'] / 2**30:.2f} | {'yes' if r['fits'] else 'no'} | "
-                     f"{r.get('largest_fitting_batch', '-')} | {r['flops_per_image'] / 1e9:.1f} | "
+                     f"{r['bytes_per_device'] / 2**30:.3g} ({r['peak_bytes'] / 2**30:.3g}) | "
+                     f"{'yes' if r['fits'] else 'no'} | {r.get('largest_fitting_batch', '-')} | "
+                     f"{r['flops_per_image'] / 1e9:.3g} | "
                      f"{r['roofline_images_per_second']:,.0f} | {r['roofline_bound']} |")
     return "\n".join(lines)
 
