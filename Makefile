@@ -34,6 +34,7 @@ $(VENV)/.installed-chromium: $(VENV)/.installed
 $(VENV)/.installed-aot-tpu: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[torch,dev,aot-tpu]"
 	touch $@
+test: $(VENV)/.installed-aot-tpu
 
 # The CUDA plugin's deviceless compiler for jaxmed.aot's GPU targets (~2.4 GB installed, mostly cuDNN and cuBLAS):
 # too slow to download for every `make test`, so its tests skip without it and `make test-aot` runs them.
@@ -47,7 +48,7 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m jaxmed.main --config configs/demo.py --workdir runs/demo
 
-test: install $(VENV)/.installed-tfds $(VENV)/.installed-chromium $(VENV)/.installed-aot-tpu
+test: install $(VENV)/.installed-tfds $(VENV)/.installed-chromium
 	$(PY) -m pytest -n 2 --timeout=900 tests
 
 # jaxmed.aot's TPU and GPU compiles (the GPU ones need the aot-gpu extra, which `make test` does not install).
