@@ -43,12 +43,11 @@ def test_remat_gives_the_losses_of_no_remat(config_path):
 
 
 def test_remat_checkpoints_the_blocks():
-    """The jaxpr of a remat step holds one checkpoint per encoder layer; none without."""
+    """The jaxpr of a training step's gradient holds one checkpoint per encoder layer; none without."""
     def checkpoints(mode):
         config = config_file("tests/tiny_config.py")
         config.model.remat = mode
-        model = jrun.build_model(jrun.model_spec(config), jnp.float32, 0)
-        model.eval()
+        model = jrun.build_model(jrun.model_spec(config), jnp.float32, 0)  # training mode: dropout active
         graph, params, rest = nnx.split(model, nnx.Param, ...)
         loss = lambda params, x: nnx.merge(graph, params, rest, copy=True)(x).sum()  # noqa: E731
         text = str(jax.make_jaxpr(jax.grad(loss))(params, jnp.zeros((1, 32, 32, 3))))
@@ -62,3 +61,18 @@ def test_an_unknown_remat_is_an_error():
     config.model.remat = "layers"
     with pytest.raises(JaxmedError, match="model.remat='layers'; choose one of none, blocks, full"):
         jrun.model_spec(config)
+
+
+def test_remat_eval_step_merges_without_copies():
+    """The eval step merges the model without copies inside jit (jaxmed.train.run.make_eval_step): a checkpointed
+    block must not mutate its Variables from inside the checkpoint's trace."""
+    outputs = {}
+    for mode in ("none", "blocks"):
+        config = config_file("tests/tiny_config.py")
+        config.model.remat = mode
+        model = jrun.build_model(jrun.model_spec(config), jnp.float32, 0)
+        model.eval()
+        graph, params, stats, rest = jrun._split(model)
+        logits = jax.jit(lambda p, s, x: nnx.merge(graph, p, s, rest)(x))(params, stats, jnp.ones((2, 32, 32, 3)))
+        outputs[mode] = np.asarray(logits)
+    np.testing.assert_allclose(outputs["blocks"], outputs["none"], rtol=1e-6, atol=1e-7)

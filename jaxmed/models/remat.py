@@ -23,7 +23,25 @@ def check(mode: str) -> str:
 
 
 def call(mode: str, block, x, *static):
-    """`block(x, *static)`, checkpointed by `mode` (the model's `remat` attribute) unless it is "none"."""
-    if mode == "none":
+    """`block(x, *static)`, checkpointed by `mode` (the model's `remat` attribute) unless it is "none".
+
+    The block runs as a pure function of its state inside `jax.checkpoint` (fresh Variables there), and its
+    updated state (dropout counters, BatchNorm statistics) is written back outside. A block in eval mode runs
+    plainly: the eval step merges the model without copies, whose Variables must not be written from its trace."""
+    if mode == "none" or not _training(block):  # no backward pass to save memory for (eval, predict)
         return block(x, *static)
-    return nnx.remat(lambda module, inputs: module(inputs, *static), policy=POLICIES[mode])(block, x)
+    graph, state = nnx.split(block)
+
+    def pure(state, inputs):
+        module = nnx.merge(graph, state, copy=True)
+        return module(inputs, *static), nnx.state(module)
+
+    out, state = jax.checkpoint(pure, policy=POLICIES[mode])(state, x)
+    nnx.update(block, state)
+    return out
+
+
+def _training(block) -> bool:
+    """Whether `block` is in training mode: an active dropout or BatchNorm updating its statistics inside."""
+    return any(getattr(node, "deterministic", None) is False or getattr(node, "use_running_average", None) is False
+               for _, node in nnx.iter_graph(block))
