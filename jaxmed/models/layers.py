@@ -11,7 +11,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 from flax import nnx
 
@@ -116,9 +115,6 @@ def _mixed_matmul_bwd(residuals, cotangent):
 _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
-LINEAR_OUTPUT = "linear_output"  # checkpoint name of every Linear's matmul (jaxmed.models.remat keeps them)
-
-
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
     """`lax.dot_general` for `nnx.Linear(dot_general=...)`: a Linear's contraction goes through `matmul`, so
     mixed precision gets its fp32 accumulation; anything else is `lax.dot_general` itself."""
@@ -126,8 +122,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     if (tuple(lhs_contract), tuple(rhs_contract)) == ((lhs.ndim - 1,), (0,)) and batch == ((), ()) \
             and rhs.ndim == 2 and precision is None and preferred_element_type is None \
             and kwargs.get("out_sharding") is None:
-        # named for model.remat=blocks: the mixed-precision matmul's custom VJP hides its dot from jax's policies
-        return checkpoint_name(matmul(lhs, rhs), LINEAR_OUTPUT)
+        return matmul(lhs, rhs)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
 

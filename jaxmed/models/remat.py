@@ -7,14 +7,11 @@ import jax
 from flax import nnx
 
 from jaxmed.errors import JaxmedError
-from jaxmed.models.layers import LINEAR_OUTPUT
 
 # none: keep every activation. blocks: keep the outputs of the matmuls without batch dimensions (the linear layers)
 # and recompute the rest of each transformer block / residual stage (norms, activations, attention scores, convs).
 # full: keep only each block's input and recompute all of it.
-POLICIES = {"blocks": jax.checkpoint_policies.save_from_both_policies(
-                jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                jax.checkpoint_policies.save_only_these_names(LINEAR_OUTPUT)),  # bf16 Linears: a custom VJP's dot
+POLICIES = {"blocks": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
             "full": jax.checkpoint_policies.nothing_saveable}
 MODES = ("none", *POLICIES)
 
