@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-aot bench install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,18 @@ $(VENV)/.installed-chromium: $(VENV)/.installed
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
 	touch $@
 
+# libtpu's compiler for jaxmed.aot's TPU targets (~700 MB installed): tests/test_aot.py compiles for TPUs.
+$(VENV)/.installed-aot-tpu: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[torch,dev,aot-tpu]"
+	touch $@
+test: $(VENV)/.installed-aot-tpu
+
+# The CUDA plugin's deviceless compiler for jaxmed.aot's GPU targets (~2.4 GB installed, mostly cuDNN and cuBLAS):
+# too slow to download for every `make test`, so its tests skip without it and `make test-aot` runs them.
+$(VENV)/.installed-aot-gpu: $(VENV)/.installed-aot-tpu
+	$(PY) -m pip install --quiet -e ".[torch,dev,aot-tpu,aot-gpu]"
+	touch $@
+
 install: $(VENV)/.installed
 
 # The main job on built-in synthetic MRI phantoms: trains, evaluates, writes runs/demo/eval/test/report.html.
@@ -41,6 +53,10 @@ demo: install
 test: export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 test: install $(VENV)/.installed-tfds $(VENV)/.installed-chromium
 	$(PY) -m pytest -n 2 --timeout=900 tests
+
+# jaxmed.aot's TPU and GPU compiles (the GPU ones need the aot-gpu extra, which `make test` does not install).
+test-aot: install $(VENV)/.installed-aot-gpu
+	$(PY) -m pytest -n 2 --timeout=900 tests/test_aot.py
 
 bench: install
 	XLA_FLAGS= $(PY) bench/forward.py

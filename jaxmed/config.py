@@ -23,6 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.hf_config = ml_collections.ConfigDict()  # transformers config kwargs for a from-scratch model
     config.model.preprocessor = ml_collections.ConfigDict()  # overrides of the preprocessor_config.json keys
     config.model.dtype = "float32"  # compute dtype; "bfloat16" for mixed precision (weights stay float32)
+    config.model.remat = "none"  # none | blocks | full: recompute each block's activations in the backward pass
+    #                              (blocks keeps the linear layers' outputs); less memory, more compute (aot.py)
 
     config.train = ml_collections.ConfigDict()
     config.train.epochs = 10.0

@@ -94,3 +94,13 @@ def greedy_layerwise(config, layers: int, *, epochs: float = 10, lr: float = 1e-
         dict(name="classifier", epochs=classifier_epochs, lr=classifier_lr, trainable=(r"^classifier\.",)),
     ]
     return config
+
+
+# The class folders of the datasets the protocols above read, in the order their loaders sort them, so a run's
+# shapes (e.g. for `python -m jaxmed.aot`) are known on a machine without the data.
+KNOWN_CLASSES = {
+    "data/brisc2025": ("glioma", "meningioma", "no_tumor", "pituitary"),
+    "sartajbhuvaji/Brain-Tumor-Classification": ("glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"),
+    "data/chest_xray": ("NORMAL", "PNEUMONIA"),
+    "data/pneumoniamnist_64.npz": ("normal", "pneumonia"),  # MedMNIST PneumoniaMNIST
+}

@@ -283,9 +283,39 @@ def status(args, runner: Runner) -> None:
         print(state or "NOT_FOUND")
 
 
+def preflight(args, runner: Runner) -> None:
+    """Before paying for the slice: compile the command's config for it here (jaxmed.aot's deviceless TPU compiler)
+    and refuse one that does not fit, naming the largest batch that does."""
+    if args.no_preflight:
+        return
+    if runner.dry_run:
+        runner.note("dry run: preflight skipped (it compiles the config here; run without --dry-run)")
+        return
+    sys.path.insert(0, str(REPO))
+    try:
+        from jaxmed.compile import targets
+    except ImportError as error:
+        raise Refusal(f"the preflight needs jaxmed installed here with its aot-tpu extra "
+                      f"(pip install -e '.[aot-tpu]'): {error}; or pass --no-preflight") from None
+    if args.accelerator not in targets.known_targets():
+        runner.note(f"preflight skipped: jaxmed.aot knows no topology for {args.accelerator}")
+        return
+    targets.prepare_process()  # before jax starts
+    from jaxmed.compile import preflight as aot_preflight
+    from jaxmed.errors import JaxmedError
+
+    runner.note(f"preflight: compiling the config for {args.accelerator} (python -m jaxmed.aot)")
+    try:
+        runner.note(aot_preflight.check(args.accelerator, args.command))
+    except JaxmedError as error:
+        raise Refusal(str(error)) from None
+
+
 def up(args, runner: Runner) -> None:
     """Idempotent: create if missing (or re-create if preempted), then set up, then run. After a preemption the
-    same command resumes training from the workdir's last checkpoint."""
+    same command resumes training from the workdir's last checkpoint. First, unless --no-preflight, the
+    command's config is compiled for the accelerator and refused if it does not fit."""
+    preflight(args, runner)
     resource = _resource(args)
     state = runner.state(describe_command(args))
     if runner.dry_run:
@@ -354,6 +384,9 @@ def _parser() -> argparse.ArgumentParser:
         name = handler.__name__.replace("_", "-")
         sub = commands.add_parser(name, parents=parents, help=help_text, description=help_text)
         sub.set_defaults(handler=handler)
+        if name == "up":
+            sub.add_argument("--no-preflight", action="store_true",
+                             help="skip compiling the config for the accelerator before creating the VM")
         if name == "logs":
             sub.add_argument("--worker", default="0", help="worker index, or all (default 0)")
             sub.add_argument("--lines", type=int, default=100, help="lines of history (default 100)")

@@ -1,6 +1,7 @@
 """launch/tpu.py against a fake `gcloud` on PATH that records every call (one JSON line of argv each) and, when
 asked, plays one TPU worker: `ssh --command` runs in bash with a scratch HOME, `scp` copies in and out of it."""
 
+import importlib.util
 import json
 import os
 import shlex
@@ -66,7 +67,7 @@ def tpu(tmp_path):
                            FAKE_GCLOUD_STATES=str(tmp_path / "states"), TMPDIR=str(tmp_path), **(env or {}))
         if worker_home:
             environment["FAKE_TPU_HOME"] = str(worker_home)
-        done = subprocess.run([*TPU, *argv], capture_output=True, text=True, env=environment, timeout=60)
+        done = subprocess.run([*TPU, *argv], capture_output=True, text=True, env=environment, timeout=600)
         calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         log.unlink(missing_ok=True)
         return done, calls
@@ -239,8 +240,8 @@ def test_delete_a_vm_or_a_queued_resource(tpu):
     assert calls == [[*QR, "delete", "tpu1", *WHERE, "--force", "--quiet"]]
 
 
-UP = ["up", *SETTINGS, "--accelerator", "v4-8", "--spot", "--", "python", "-m", "jaxmed.main", "--config",
-      "configs/demo.py", "--workdir", "gs://bucket/runs/demo"]
+UP = ["up", *SETTINGS, "--accelerator", "v4-8", "--spot", "--no-preflight", "--", "python", "-m", "jaxmed.main",
+      "--config", "configs/demo.py", "--workdir", "gs://bucket/runs/demo"]
 
 
 @pytest.mark.parametrize("states, steps", [
@@ -337,3 +338,47 @@ def test_dry_run_prints_every_command_and_runs_none(tpu, tmp_path):
 def test_help():
     done = subprocess.run([*TPU, "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "copy-back" in done.stdout and "JAXMED_TPU_PROJECT" in done.stdout
+
+
+TINY_RUN = ["--", "python", "-m", "jaxmed.main", "--config", str(ROOT / "tests/tiny_config.py"), "--workdir",
+            "gs://bucket/runs/tiny"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the aot-tpu extra) is not installed")
+def test_up_compiles_the_config_first_and_goes_on_when_it_fits(tpu):
+    done, calls = tpu("up", *SETTINGS, "--accelerator", "v5litepod-8", *TINY_RUN, states=["READY"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "preflight: fits v5litepod-8" in done.stderr
+    assert [call[3] for call in calls] == ["describe", "scp", "ssh", "ssh"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the aot-tpu extra) is not installed")
+def test_up_refuses_a_config_that_does_not_fit_and_names_the_largest_batch(tmp_path, monkeypatch, capsys):
+    """In-process with the fake gcloud, on a v5e chip shrunk to 13 MiB of HBM (a config that overflows the real
+    16 GiB compiles for many minutes here): 64 images per chip of the tiny ViT do not fit; nothing is created."""
+    import dataclasses
+
+    from jaxmed.compile import report, targets
+
+    real = targets.target
+    monkeypatch.setattr(report.jtargets, "target", lambda name: dataclasses.replace(
+        real(name), chip=dataclasses.replace(real(name).chip, hbm_bytes=13 * 2**20)))
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin/gcloud"
+    fake.write_text(FAKE_GCLOUD.format(python=sys.executable))
+    fake.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_GCLOUD_LOG", str(log))
+    spec = importlib.util.spec_from_file_location("launch_tpu", ROOT / "launch/tpu.py")
+    launch = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "launch_tpu", launch)  # its dataclasses look their module up there
+    spec.loader.exec_module(launch)
+    code = launch.main(["up", *SETTINGS, "--accelerator", "v5litepod-8", *TINY_RUN,
+                        "--config.train.batch_size=512"])
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and error, error
+    assert "preflight: train/train needs" in error[0] and "at 64 images per device" in error[0]
+    largest = int(error[0].split("the largest train batch that fits is ")[1].split()[0])
+    assert 1 <= largest < 64 and f"--config.train.batch_size={largest * 8}" in error[0]
+    assert not log.exists()  # no gcloud call: nothing described, nothing created

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from transformers import CvtConfig
 
-from jaxmed.models import layers
+from jaxmed.models import layers, remat
 from jaxmed.models.layers import BatchNorm, DepthwiseConv, Static, activation, materialize
 
 # nn.LayerNorm's default: HF's CvT never passes config.layer_norm_eps to its LayerNorms.
@@ -312,6 +312,8 @@ class CvtModel(nnx.Module):
 class CvT(nnx.Module):
     """`CvtForImageClassification`: stages → LayerNorm of the cls token (or all tokens) → mean → linear; NHWC."""
 
+    remat = "none"  # model.remat: jaxmed.models.remat checkpoints each stage
+
     def __init__(self, config: CvtConfig, *, dtype=None, rngs: nnx.Rngs):
         self.hf_config = Static(config)
         self.cvt = CvtModel(config, dtype, rngs)
@@ -326,7 +328,7 @@ class CvT(nnx.Module):
     def forward(self, pixels, *, output_hidden_states=False, output_attentions=False) -> Output:
         x, cls, hidden, attentions = pixels, None, [], []
         for stage in self.cvt.encoder.stages:
-            x, cls, weights = stage(x, output_attentions)
+            x, cls, weights = remat.call(self.remat, stage, x, output_attentions)
             hidden.append(x)
             attentions.extend(weights)
         # HF keys this on the last stage's flag; the cls token is that stage's.

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import EfficientNetConfig
 
-from jaxmed.models import layers
+from jaxmed.models import layers, remat
 from jaxmed.models.layers import BatchNorm, Conv, DepthwiseConv, Static, activation
 
 
@@ -182,6 +182,8 @@ class EfficientNetModel(nnx.Module):
 class EfficientNet(nnx.Module):
     """`EfficientNetForImageClassification`: stem → MBConv blocks → 1×1 top conv → pool → linear. NHWC in."""
 
+    remat = "none"  # model.remat: jaxmed.models.remat checkpoints each MBConv block
+
     def __init__(self, config: EfficientNetConfig, *, dtype=None, rngs: nnx.Rngs):
         self.hf_config = Static(config)
         self.efficientnet = EfficientNetModel(config, dtype, rngs)
@@ -200,7 +202,7 @@ class EfficientNet(nnx.Module):
         x = self.efficientnet.embeddings(pixels)
         hidden = [x]
         for block in encoder.blocks:
-            x = block(x)
+            x = remat.call(self.remat, block, x)
             hidden.append(x)
         x = encoder.top_activation(encoder.top_bn(encoder.top_conv(x)))
         # HF pools with a hidden_dim-sized window in ceil mode: global whenever the map is at most hidden_dim wide.

@@ -118,6 +118,21 @@ def identity(x):
     return x
 
 
+@functools.cache
+def cudnn_traceable() -> bool:
+    """Whether cuDNN attention can be traced here: the CUDA plugin and its cuDNN are installed. A GPU is not
+    needed — the program may be compiled for a GPU from a CPU host (`python -m jaxmed.aot`), and the kernels must
+    follow the compile target, not this process's backend."""
+    from jax._src.lib import cuda_versions
+
+    if cuda_versions is None:
+        return False
+    try:
+        return cuda_versions.cudnn_get_version() >= 8900  # fused attention's minimum
+    except Exception:  # the plugin without its cuDNN library
+        return False
+
+
 def cudnn_attention_supported(q) -> bool:
     """cuDNN's fused attention takes bf16/fp16 and head_dim a multiple of 8 up to 256 (Hopper; GUIDE §6)."""
     return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
@@ -125,19 +140,38 @@ def cudnn_attention_supported(q) -> bool:
 
 def fused_attention(q, k, v, *, scale, cudnn: bool):
     """`jax.nn.dot_product_attention` on our head-major tensors (it takes BTNH; the transposes cancel against the
-    models' own). `cudnn`: the NVIDIA-GPU form, which uses cuDNN where this process can (a GPU backend is present
-    and the dtype and head_dim are supported) and XLA's composition otherwise."""
+    models' own). `cudnn`: the NVIDIA-GPU form (traced only for a GPU target), which uses cuDNN where it can be
+    traced (the CUDA plugin and cuDNN installed, with or without a GPU here) and the dtype and head_dim are
+    supported, and XLA's composition otherwise."""
     to_btnh = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731
-    implementation = "cudnn" if cudnn and on_cuda() and cudnn_attention_supported(q) else None
+    implementation = "cudnn" if cudnn and cudnn_traceable() and cudnn_attention_supported(q) else None
     try:
-        out = jax.nn.dot_product_attention(to_btnh(q), to_btnh(k), to_btnh(v), scale=scale,
-                                           implementation=implementation)
+        if implementation == "cudnn":
+            out = _cudnn_attention(to_btnh(q), to_btnh(k), to_btnh(v), scale)
+        else:
+            out = jax.nn.dot_product_attention(to_btnh(q), to_btnh(k), to_btnh(v), scale=scale)
     except (NotImplementedError, RuntimeError) as error:  # cuDNN refused these shapes or this machine
         if implementation is None:
             raise
         warnings.warn(f"cuDNN attention unavailable for q {q.shape} {q.dtype}: {error}; using XLA's", stacklevel=2)
         out = jax.nn.dot_product_attention(to_btnh(q), to_btnh(k), to_btnh(v), scale=scale, implementation=None)
     return to_btnh(out)
+
+
+def _cudnn_attention(q, k, v, scale):
+    """cuDNN's fused attention on BTNH tensors. Its training kernels refuse odd sequence lengths (ViT-B/16 has 197
+    tokens) when the gradient is traced, after the forward call has returned, where no fallback can catch it: odd
+    lengths are padded by one and the padding masked (cuDNN's padding mask), then sliced off."""
+    queries, keys = q.shape[1], k.shape[1]
+    if queries % 2 == 0 and keys % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    pad = lambda t, length: jnp.pad(t, ((0, 0), (0, length % 2), (0, 0), (0, 0)))  # noqa: E731
+    batch = q.shape[0]
+    out = jax.nn.dot_product_attention(pad(q, queries), pad(k, keys), pad(v, keys), scale=scale,
+                                       implementation="cudnn",
+                                       query_seq_lengths=jnp.full((batch,), queries, jnp.int32),
+                                       key_value_seq_lengths=jnp.full((batch,), keys, jnp.int32))
+    return out[:, :queries]
 
 
 def grouped_depthwise(x, kernel, *, strides, padding):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import ResNetConfig
 
-from jaxmed.models import layers
+from jaxmed.models import layers, remat
 from jaxmed.models.layers import BatchNorm, Conv, Static, activation, torch_conv_padding, torch_linear_init
 
 
@@ -125,6 +125,8 @@ class ResNetModel(nnx.Module):
 class ResNet(nnx.Module):
     """`ResNetForImageClassification`: stem → stages → global average pool → linear. Input is NHWC."""
 
+    remat = "none"  # model.remat: jaxmed.models.remat checkpoints each residual stage
+
     def __init__(self, config: ResNetConfig, *, dtype=None, rngs: nnx.Rngs):
         self.hf_config = Static(config)
         self.resnet = ResNetModel(config, dtype=dtype, rngs=rngs)
@@ -139,7 +141,7 @@ class ResNet(nnx.Module):
         x = self.resnet.embedder(pixels)
         hidden = [x]
         for stage in self.resnet.encoder.stages:
-            x = stage(x)
+            x = remat.call(self.remat, stage, x)
             hidden.append(x)
         pooled = jnp.mean(x, axis=(1, 2))
         logits = self.classifier(pooled)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import ViTConfig
 
-from jaxmed.models import layers
+from jaxmed.models import layers, remat
 from jaxmed.models.layers import Static, activation, torch_bicubic_resize
 
 
@@ -166,6 +166,8 @@ class ViTModel(nnx.Module):
 class ViT(nnx.Module):
     """`ViTForImageClassification`: CLS token → final LayerNorm → linear classifier. Input is NHWC."""
 
+    remat = "none"  # model.remat: jaxmed.models.remat checkpoints each encoder layer
+
     def __init__(self, config: ViTConfig, *, dtype=None, rngs: nnx.Rngs):
         self.hf_config = Static(config)
         self.vit = ViTModel(config, dtype, rngs)
@@ -180,7 +182,7 @@ class ViT(nnx.Module):
         x = self.vit.embeddings(pixels, interpolate_pos_encoding)
         hidden, attentions = [x], []
         for layer in self.vit.encoder.layer:
-            x, weights = layer(x, output_attentions)
+            x, weights = remat.call(self.remat, layer, x, output_attentions)
             hidden.append(x)
             attentions.append(weights)
         x = self.vit.layernorm(x)

@@ -33,6 +33,7 @@ class ModelSpec:
     preprocessor: dict
     checkpoint: Path | None
     relabelled: bool = False
+    remat: str = "none"  # model.remat (jaxmed.models.remat)
 
 
 def model_spec(config) -> ModelSpec:
@@ -51,14 +52,23 @@ def model_spec(config) -> ModelSpec:
         preprocessor = dict(TABLES[hf_config.model_type][1])
         path = None
     preprocessor.update(config.model.preprocessor.to_dict())
-    return ModelSpec(hf_config, preprocessor, path)
+    return ModelSpec(hf_config, preprocessor, path, remat=_remat(config))
+
+
+def _remat(config) -> str:
+    from jaxmed.models import remat
+
+    return remat.check(config.model.get("remat", "none"))
 
 
 def build_model(spec: ModelSpec, dtype, seed: int):
     from jaxmed.models import MODELS
 
     _, model_class = MODELS[spec.hf_config.model_type]
-    return model_class(spec.hf_config, dtype=dtype, rngs=nnx.Rngs(seed))
+    model = model_class(spec.hf_config, dtype=dtype, rngs=nnx.Rngs(seed))
+    if spec.remat != "none":
+        model.remat = spec.remat
+    return model
 
 
 @dataclasses.dataclass

@@ -1,0 +1,98 @@
+"""Compiler figures (not measurements) for every shipped config on the machines people rent: per-device memory of
+the train step at 256 images per device (CvT-13: 128), the largest per-device batch that fits, FLOPs per image and
+the roofline bound, from the TPU and GPU compilers run deviceless (jaxmed.aot).
+
+    python bench/aot_table.py [--config configs/X.py ...] [--target v5litepod-8 ...] [--no-fit-batch] [--out F]
+
+A full-size compile takes minutes on a small CPU (GUIDE §7): the whole table is hours on 2 cores; pass a subset.
+Prints a Markdown table (for the README's performance section) and writes the records as JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ("v5litepod-8", "v6e-8", "v5p-8", "h100x8")
+PER_DEVICE_BATCH = 256
+PER_DEVICE_BATCH_BY_MODEL = {"cvt": 128}  # CvT-13's stage-1 tokens (56² × 64) make 256 a ~20 GiB step
+
+
+def load_config(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.dtype = "bfloat16"
+    config.mesh.data, config.mesh.fsdp = -1, 1  # every device of the target (demo's mesh.data=1 is for CPUs)
+    return config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action="append", type=Path, help="configs/X.py (repeatable; default: all)")
+    parser.add_argument("--target", action="append", help=f"repeatable; default: {', '.join(TARGETS)}")
+    parser.add_argument("--no-fit-batch", dest="fit_batch", action="store_false",
+                        help="skip the search for the largest batch (several compiles per target)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/aot_table.json"))
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from jaxmed.compile import targets
+
+    targets.prepare_process()
+    from jaxmed.compile import programs, report
+    from jaxmed.errors import JaxmedError
+
+    configs = args.config or sorted((ROOT / "configs").glob("*.py"))
+    records = []
+    for path in tqdm(configs, desc="configs"):
+        config = load_config(path)
+        try:
+            model_type = programs.model_spec(config).hf_config.model_type
+        except JaxmedError as error:
+            records.append({"config": path.stem, "error": str(error)})
+            continue
+        batch = PER_DEVICE_BATCH_BY_MODEL.get(model_type, PER_DEVICE_BATCH)
+        for target in args.target or TARGETS:
+            try:
+                found = report.compile_all(config, [target], per_device_batch=batch, include_eval=False,
+                                           fit_batch=args.fit_batch)
+            except JaxmedError as error:
+                found = [{"target": target, "error": str(error)}]
+            # the most memory-hungry phase stands for the config
+            found.sort(key=lambda r: -(r.get("bytes_per_device") or 0))
+            records.append({"config": path.stem, "model": model_type, **found[0]})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(records, indent=1) + "\n")
+    print(markdown(records))
+    return 0
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["| config | target | batch/device | GiB/device (compiler's peak) | fits | largest batch/device | "
+             "GFLOP/image | roofline img/s (all devices) | bound |", "|" + "---|" * 9]
+    for r in records:
+        if r.get("error"):
+            lines.append(f"| {r['config']} | {r.get('target', '-')} | error: {r['error'][:80]} |||||||")
+            continue
+        if r.get("out_of_memory"):  # the TPU compiler refuses a program larger than HBM
+            lines.append(f"| {r['config']} | {r['target']} | {r['per_device_batch']} | > HBM | no | "
+                         f"{r.get('largest_fitting_batch', '-')} | - | - | - |")
+            continue
+        lines.append(f"| {r['config']} | {r['target']} | {r['per_device_batch']} | "
+                     f"{r['bytes_per_device'] / 2**30:.3g} ({r['peak_bytes'] / 2**30:.3g}) | "
+                     f"{'yes' if r['fits'] else 'no'} | {r.get('largest_fitting_batch', '-')} | "
+                     f"{r['flops_per_image'] / 1e9:.3g} | "
+                     f"{r['roofline_images_per_second']:,.0f} | {r['roofline_bound']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
