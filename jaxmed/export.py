@@ -35,7 +35,7 @@ def load_trained(workdir, which: str = "best", *, dtype=None):
 
     workdir = workdir_path(workdir)
     check_trained(workdir)  # also: a cross-validation parent names its fold runs
-    checkpoints = Checkpoints(workdir, async_saves=False)
+    checkpoints = Checkpoints.of_run_dir(workdir)  # 'best' by the run's own metric (loss: the lowest)
     try:
         flat, meta, source = checkpoints.restore_flat_weights(which)
     finally:

@@ -219,3 +219,22 @@ def test_epochs_give_ceil_updates_per_epoch_and_per_phase():
     assert budget(2.5, 5) == "2.5 epochs of 5 steps (batch 16) = 13 steps"  # 12.5 → 13 (round() gave 12)
     assert budget(8 / 3, 3).endswith("= 8 steps")  # not 9 from 8.000000000000002
     assert budget(0.1, 7).endswith("= 1 steps")
+
+
+def test_readers_without_a_config_pick_the_best_checkpoint_the_run_kept(tmp_path):
+    """export and predict open a run by its directory alone: 'best' must follow W/config.json's metric (here the
+    lowest loss, step 2), not the default accuracy (which would pick step 1)."""
+    import jax.numpy as jnp
+
+    from jaxmed.train.checkpoint import Checkpoints
+
+    config = base_config()
+    config.train.best_metric, config.train.keep_best = "loss", 2
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    training = Checkpoints.for_run(tmp_path, config.train)
+    for step, (loss, accuracy) in {1: (0.9, 0.95), 2: (0.3, 0.90)}.items():
+        training.save_best(step, {"w": jnp.zeros(2)}, {"step": step}, {"loss": loss, "accuracy": accuracy})
+    training.close()
+    reader = Checkpoints.of_run_dir(tmp_path)
+    assert reader.select("best")[2] == "best/2"
+    reader.close()

@@ -74,6 +74,17 @@ class Checkpoints:
         return cls(workdir, keep_best=train_config.keep_best, best_metric=train_config.best_metric,
                    best_mode=train_config.best_mode, async_saves=async_saves)
 
+    @classmethod
+    def of_run_dir(cls, workdir) -> "Checkpoints":
+        """A trained run's checkpoints as its config kept them (W/config.json's best_metric and mode), for readers
+        that have no config of their own (export, predict): 'best' must mean what it meant in training."""
+        from jaxmed.config import load_run_config
+
+        workdir = workdir_path(workdir)
+        if not (workdir / "config.json").exists():  # a bare checkpoint folder: the defaults
+            return cls(workdir, async_saves=False)
+        return cls.for_run(workdir, load_run_config(workdir).train)
+
     def save_latest(self, step: int, state, iterator, meta: dict, *, force: bool = False) -> bool:
         saved = self.latest.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
