@@ -347,6 +347,9 @@ def _explanations(run, out, split, indices, labels, flat: dict) -> dict | None:
     from jaxmed.train import optim
 
     per_class = run.config.eval.explain_per_class
+    if per_class and run.spec.hf_config.model_type not in explain.EXPLAINED:
+        log.info("no explanation method for a %s model (Grad-CAM and rollout need %s): no heatmaps and no "
+                 "explanation checks", run.spec.hf_config.model_type, ", ".join(explain.EXPLAINED))
     if not per_class or run.spec.hf_config.model_type not in explain.EXPLAINED:
         return None
 
