@@ -14,7 +14,9 @@ from helpers_configs import ROOT, config_file
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu is not installed (the aot-tpu extra; make test installs it)")
-GPU_COMPILER = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+# find_spec of a submodule imports its parent: without any jax plugin there is no jax_plugins package to look in
+GPU_COMPILER = (importlib.util.find_spec("jax_plugins") is not None
+                and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
 
 
 def small_vit(hidden=128):
@@ -130,6 +132,9 @@ def test_errors_for_people(monkeypatch):
     config.data.root = "elsewhere.npz"
     with pytest.raises(JaxmedError, match="--num-classes"):
         report.compile_all(config, ["v5litepod-8"])
+    if not GPU_COMPILER:  # as on a machine without the aot-gpu extra (CI): maybe no jax_plugins package at all
+        with pytest.raises(JaxmedError, match=r"jaxmed\[aot-gpu\]"):
+            targets.devices(targets.target("h100"))
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "jax_plugins.xla_cuda12" else real_find_spec(name, *a))

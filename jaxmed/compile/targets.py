@@ -111,6 +111,10 @@ def devices(target: Target) -> list:
 def _require(module: str, platform: str) -> None:
     import importlib.util
 
-    if importlib.util.find_spec(module) is None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a submodule's parent package (jax_plugins) is missing too
+        found = False
+    if not found:
         raise JaxmedError(f"the {platform.upper()} compiler is not installed: pip install 'jaxmed[{EXTRAS[platform]}]' "
                           f"(it provides {module})")
