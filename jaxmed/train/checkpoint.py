@@ -57,7 +57,8 @@ class Checkpoints:
         self.latest = ocp.CheckpointManager(
             root / "checkpoints",
             options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest, enable_async_checkpointing=async_saves,
-                                                 cleanup_tmp_directories=True),
+                                                 cleanup_tmp_directories=True,
+                                                 multiprocessing_options=_barriers("latest")),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
         self.best = ocp.CheckpointManager(
@@ -65,7 +66,8 @@ class Checkpoints:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep_best, best_fn=_best_key(best_metric, best_mode),
                                                  best_mode=best_mode, keep_checkpoints_without_metrics=False,
                                                  enable_async_checkpointing=async_saves,
-                                                 cleanup_tmp_directories=True),
+                                                 cleanup_tmp_directories=True,
+                                                 multiprocessing_options=_barriers("best")),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     @classmethod
@@ -169,3 +171,9 @@ class Checkpoints:
         self.wait()
         self.latest.close()
         self.best.close()
+
+
+def _barriers(name: str) -> ocp.options.MultiprocessingOptions:
+    """Each manager its own barrier names: both save the step they validate at, asynchronously, and orbax's
+    multi-host barrier `_async_write_complete.<step>` is otherwise the same key for both ("already ongoing")."""
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
