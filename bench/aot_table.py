@@ -51,7 +51,12 @@ def main(argv=None) -> int:
     from jaxmed.errors import JaxmedError
 
     configs = args.config or sorted((ROOT / "configs").glob("*.py"))
-    records = []
+    # the table is hours of compiling: each record is written as soon as it exists, and a rerun with the same --out
+    # keeps the records already there (without an error) instead of compiling them again
+    records = json.loads(args.out.read_text()) if args.out.exists() else []
+    done = {(r["config"], r.get("target")) for r in records if not r.get("error")}
+    records = [r for r in records if not r.get("error")]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for path in tqdm(configs, desc="configs"):
         config = load_config(path)
         try:
@@ -61,6 +66,8 @@ def main(argv=None) -> int:
             continue
         batch = PER_DEVICE_BATCH_BY_MODEL.get(model_type, PER_DEVICE_BATCH)
         for target in args.target or TARGETS:
+            if (path.stem, target) in done:
+                continue
             try:
                 found = report.compile_all(config, [target], per_device_batch=batch, include_eval=False,
                                            fit_batch=args.fit_batch)
@@ -69,7 +76,7 @@ def main(argv=None) -> int:
             # the most memory-hungry phase stands for the config
             found.sort(key=lambda r: -(r.get("bytes_per_device") or 0))
             records.append({"config": path.stem, "model": model_type, **found[0]})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(records, indent=1) + "\n")
     args.out.write_text(json.dumps(records, indent=1) + "\n")
     print(markdown(records))
     return 0
@@ -77,20 +84,21 @@ def main(argv=None) -> int:
 
 def markdown(records: list[dict]) -> str:
     lines = ["| config | target | batch/device | GiB/device (compiler's peak) | fits | largest batch/device | "
-             "GFLOP/image | roofline img/s (all devices) | bound |", "|" + "---|" * 9]
+             "GFLOP/image | roofline img/s (all devices) | bound | attention |", "|" + "---|" * 10]
     for r in records:
         if r.get("error"):
-            lines.append(f"| {r['config']} | {r.get('target', '-')} | error: {r['error'][:80]} |||||||")
+            lines.append(f"| {r['config']} | {r.get('target', '-')} | error: {r['error'][:80]} ||||||||")
             continue
         if r.get("out_of_memory"):  # the TPU compiler refuses a program larger than HBM
             lines.append(f"| {r['config']} | {r['target']} | {r['per_device_batch']} | > HBM | no | "
-                         f"{r.get('largest_fitting_batch', '-')} | - | - | - |")
+                         f"{r.get('largest_fitting_batch', '-')} | - | - | - | - |")
             continue
         lines.append(f"| {r['config']} | {r['target']} | {r['per_device_batch']} | "
                      f"{r['bytes_per_device'] / 2**30:.3g} ({r['peak_bytes'] / 2**30:.3g}) | "
                      f"{'yes' if r['fits'] else 'no'} | {r.get('largest_fitting_batch', '-')} | "
                      f"{r['flops_per_image'] / 1e9:.3g} | "
-                     f"{r['roofline_images_per_second']:,.0f} | {r['roofline_bound']} |")
+                     f"{r['roofline_images_per_second']:,.0f} | {r['roofline_bound']} | "
+                     f"{r.get('attention_kernel') or '-'} |")
     return "\n".join(lines)
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from jaxmed.cli import run_absl
 
 from jaxmed.compile import targets as _targets
 
@@ -66,11 +68,7 @@ def main(argv) -> int:
 
 
 def run() -> None:
-    try:
-        app.run(lambda argv: sys.exit(main(argv)))
-    except (flags.Error, AttributeError, KeyError) as error:  # raised while absl parses --config.x=y
-        print(f"error: bad flag or config override: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(2)
+    run_absl(main)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,62 @@ def _typed(text: str, current, key: str):
     except ValueError:
         raise JaxmedError(f"{key}={text}: expected a {type(current).__name__} like {current!r}") from None
     return text
+
+
+# --- absl commands (jaxmed.main, jaxmed.aot): ml_collections' --config FILE and --config.KEY=VALUE -------------
+
+def file_config(argv: list[str]):
+    """The config file's own values, before --config.* overrides (None without --config)."""
+    import importlib.util
+
+    config_file = next((a.split("=", 1)[1] if "=" in a else argv[i + 1]
+                        for i, a in enumerate(argv) if a.split("=")[0] == "--config" and (
+                            "=" in a or i + 1 < len(argv))), None)
+    if config_file is None:
+        return None
+    spec = importlib.util.spec_from_file_location("experiment_config", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def file_config_missing(argv: list[str]) -> bool:
+    """--config.x=y without --config FILE: absl would only say "Unknown command line flag"."""
+    return (any(a.startswith("--config.") for a in argv)
+            and not any(a.split("=")[0] == "--config" for a in argv))
+
+
+def unknown_key_message(argv: list[str], error: Exception) -> str:
+    """`--config.train.epoch=3` → name the bad key and list the valid ones at that level."""
+    overrides = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
+    hint = " ".join(str(error).replace("\\n", " ").replace("\\", "").replace("'", "").split())
+    config = file_config(argv)
+    if config is None:
+        if overrides:
+            return (f"--config.{overrides[0]} needs --config FILE (configs/*.py); an existing run resumes with its "
+                    "stored config and takes no overrides")
+        return f"bad config override: {hint}"
+    for override in overrides:
+        node, parts = config, override.split(".")
+        for depth, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node:
+                where = ".".join(parts[:depth]) or "the config"
+                valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(none: not a section)"
+                return f"unknown config key --config.{override} ({hint}); valid keys of {where}: {valid}"
+            node = node[part]
+    return f"bad config override: {hint}"
+
+
+def run_absl(main) -> None:
+    """`app.run(main)`, with a bad --config.KEY=VALUE (or one without --config FILE) as one line and exit status 2
+    naming the key and the valid keys at its level, instead of absl's traceback."""
+    from absl import app, flags
+
+    if file_config_missing(sys.argv):
+        print(f"error: {unknown_key_message(sys.argv, ValueError())}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        app.run(lambda argv: sys.exit(main(argv)))
+    except (flags.Error, AttributeError, KeyError) as error:  # raised while absl parses --config.x=y
+        print(f"error: {unknown_key_message(sys.argv, error)}", file=sys.stderr)
+        sys.exit(2)

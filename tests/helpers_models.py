@@ -78,10 +78,11 @@ def train_step(model, pixels, labels):
 
 
 def check_train_step(hf: torch.nn.Module, ours: nnx.Module, x: np.ndarray, labels: np.ndarray,
-                     forward=lambda model, pixels: model(pixels)) -> dict:
+                     forward=lambda model, pixels: model(pixels), step=train_step) -> dict:
     """One train-mode step against `hf.train()`: logits, loss, every BatchNorm buffer, every gradient.
 
     Gradients are compared in our layout (HF's converted through the table). Returns the measured errors.
+    `step`: how ours runs it (`train_step`'s signature and in-place statistics updates).
     """
     table = TABLES[ours.config.model_type][0]
     hf.train().zero_grad()
@@ -89,7 +90,7 @@ def check_train_step(hf: torch.nn.Module, ours: nnx.Module, x: np.ndarray, label
     ref_loss = torch.nn.functional.cross_entropy(ref_logits, torch.from_numpy(labels))
     ref_loss.backward()
     ours.train()
-    loss, logits, grads = train_step(ours, nhwc(x), jnp.asarray(labels))
+    loss, logits, grads = step(ours, nhwc(x), jnp.asarray(labels))
     result = {"logits": max_diff(logits, ref_logits.detach()), "loss": abs(float(loss) - ref_loss.item())}
     assert result["logits"] <= 1e-4 and result["loss"] <= 1e-5, result
 

@@ -26,20 +26,24 @@ import jax.numpy as jnp
 # which the consumers' casts then fuse with.
 
 KERNELS = ("cpu", "accelerator")
+FORCEABLE = (*KERNELS, "tpu")  # "tpu": the accelerator kernels with the TPU-only ones (Pallas attention)
 _FORCED: list[str | None] = [None]
 
 
 @contextlib.contextmanager
 def force_kernels(kind: str):
-    """Test-only: every layer traced inside uses `kind`'s kernels ("cpu" or "accelerator"), whatever the platform.
+    """Test-only: every layer traced inside uses `kind`'s kernels ("cpu", "accelerator" or "tpu"), whatever the
+    platform.
 
     On CPU, "accelerator" runs the GPU/TPU kernels through XLA:CPU (attention through the XLA implementation of
-    `jax.nn.dot_product_attention`: cuDNN cannot run there), so their numerics can be checked against PyTorch.
+    `jax.nn.dot_product_attention`: cuDNN cannot run there), so their numerics can be checked against PyTorch;
+    "tpu" adds the TPU-only kernels (Pallas splash attention, run by Pallas's interpreter: XLA:CPU cannot run
+    Mosaic).
     The choice is made while tracing, so jax's compilation caches are cleared on entry and exit: a function traced
     before must not be reused with the other kernels.
     """
-    if kind not in KERNELS:
-        raise ValueError(f"force_kernels: kind must be one of {KERNELS}, got {kind!r}")
+    if kind not in FORCEABLE:
+        raise ValueError(f"force_kernels: kind must be one of {FORCEABLE}, got {kind!r}")
     previous = _FORCED[0]
     jax.clear_caches()
     _FORCED[0] = kind
@@ -84,24 +88,30 @@ def _cast_like(kernel, reference):
     return cast
 
 
-def per_backend(*args, cpu, accelerator, cuda=None):
-    """`cpu(*args)` on XLA:CPU, `cuda(*args)` (default: `accelerator`) on NVIDIA GPUs, `accelerator(*args)` on
-    every other platform. The kernels are pure functions of `args` (arrays; configuration goes in by
-    `functools.partial`) and must agree in shapes; the accelerator kernels' dtypes are cast to the CPU kernel's.
+def per_backend(*args, cpu, accelerator, cuda=None, tpu=None):
+    """`cpu(*args)` on XLA:CPU, `cuda(*args)` on NVIDIA GPUs, `tpu(*args)` on TPUs (both default to
+    `accelerator`), `accelerator(*args)` on every other platform. The kernels are pure functions of `args`
+    (arrays; configuration goes in by `functools.partial`) and must agree in shapes; the accelerator kernels'
+    dtypes are cast to the CPU kernel's.
     """
     forced = _FORCED[0]
     if forced == "cpu":
         return cpu(*args)
     accelerator = _cast_like(accelerator, cpu)
+    tpu = accelerator if tpu is None else _cast_like(tpu, cpu)
     if forced == "accelerator":
         return accelerator(*args)
+    if forced == "tpu":
+        return tpu(*args)
     cuda = accelerator if cuda is None else _cast_like(cuda, cpu)
     platform = _concrete_platform(args)
     if platform is not None:
         if kernels_for(platform) == "cpu":
             return cpu(*args)
+        if platform == "tpu":
+            return tpu(*args)
         return cuda(*args) if on_cuda() else accelerator(*args)
-    return jax.lax.platform_dependent(*args, cpu=cpu, cuda=cuda, default=accelerator)
+    return jax.lax.platform_dependent(*args, cpu=cpu, cuda=cuda, tpu=tpu, default=accelerator)
 
 
 @functools.cache
@@ -172,6 +182,53 @@ def _cudnn_attention(q, k, v, scale):
                                        query_seq_lengths=jnp.full((batch,), queries, jnp.int32),
                                        key_value_seq_lengths=jnp.full((batch,), keys, jnp.int32))
     return out[:, :queries]
+
+
+def batch_mesh(mesh: jax.sharding.Mesh):
+    """Context for tracing a step whose batch is split over every axis of `mesh`: kernels XLA's SPMD partitioner
+    cannot split (Pallas/Mosaic custom calls) run per device inside `shard_map` over it. jax's own abstract-mesh
+    context, so nothing is global; outside one (predict, explanations) those kernels are not used."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+# Pallas TPU splash attention tiles queries and keys by 128 (its default blocks; Mosaic's lane width): sequences
+# are padded to a multiple of it, and segment ids keep real tokens from attending to the padding.
+_SPLASH_BLOCK = 128
+
+
+def tpu_flash_attention(q, k, v, *, scale):
+    """Attention on TPUs through Pallas's fused splash attention (`jax.experimental.pallas.ops.tpu.
+    splash_attention`, as MaxText uses): a block of queries' scores live in VMEM only, never in HBM, and the
+    backward pass keeps one fp32 log-sum-exp per query and head. (XLA's composition writes and keeps every head's
+    tokens × tokens scores; Pallas's `flash_attention` kernel keeps its softmax statistics 128 lanes wide, 2 KiB
+    per query and head — more than the scores of a 197-token ViT: it made the step larger.) The Mosaic custom
+    call cannot be split by XLA's SPMD partitioner, so it runs inside `shard_map` over the batch mesh of
+    `batch_mesh`; without one, or when the batch does not divide over it, XLA's attention is used instead."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or q.shape[0] % mesh.size:
+        return fused_attention(q, k, v, scale=scale, cudnn=False)
+    spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+    per_device = jax.shard_map(functools.partial(_splash_attention, scale=scale), mesh=mesh,
+                               in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    return per_device(q, k, v)
+
+
+def _splash_attention(q, k, v, *, scale):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    queries, keys = q.shape[2], k.shape[2]
+    padded = lambda n: -(-n // _SPLASH_BLOCK) * _SPLASH_BLOCK  # noqa: E731
+    pad = lambda t, n: jnp.pad(t, ((0, 0), (0, 0), (0, padded(n) - n), (0, 0)))  # noqa: E731
+    # segment 0: real tokens, 1: padding (padded queries attend to padded keys only, and are sliced off)
+    segment = lambda n: (jnp.arange(padded(n)) >= n).astype(jnp.int32)  # noqa: E731
+    segments = splash.SegmentIds(q=segment(queries), kv=segment(keys))
+    mask = splash.MultiHeadMask([splash.FullMask((padded(queries), padded(keys)))] * q.shape[1])
+    # forced "tpu" kernels (tests) run wherever the test runs: Pallas's interpreter, the kernel's own code in HLO
+    kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=_FORCED[0] == "tpu")
+    scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)  # the kernel takes no scale: q is scaled, as MaxText
+    out = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(pad(scaled, queries), pad(k, keys),
+                                                                          pad(v, keys))
+    return out[:, :, :queries]
 
 
 def grouped_depthwise(x, kernel, *, strides, padding):

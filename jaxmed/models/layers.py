@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmed.models.kernels import fused_attention, grouped_depthwise, identity, per_backend, pointwise_conv
+from jaxmed.models.kernels import (fused_attention, grouped_depthwise, identity, per_backend, pointwise_conv,
+                                   tpu_flash_attention)
 
 
 class Static:
@@ -141,7 +142,8 @@ def attention(q, k, v, scale: float, dropout: nnx.Dropout | None = None, need_we
 
     Without weights and dropout (training and inference), GPUs and TPUs run `jax.nn.dot_product_attention`
     (`per_backend`): cuDNN's fused attention on NVIDIA GPUs for bf16/fp16 and head_dim a multiple of 8 up to 256,
-    XLA's composition otherwise; the weights returned are then None, on every backend.
+    Pallas FlashAttention on TPUs when the step is traced under `kernels.batch_mesh`, XLA's composition otherwise;
+    the weights returned are then None, on every backend.
     """
     if dropout is not None and not dropout.deterministic and dropout.rate > 0:
         weights = jax.nn.softmax(matmul(q, _swap(k)).astype(jnp.float32) * scale, axis=-1).astype(q.dtype)
@@ -150,7 +152,8 @@ def attention(q, k, v, scale: float, dropout: nnx.Dropout | None = None, need_we
         return _attention(q, k, v, scale)
     context = per_backend(q, k, v, cpu=functools.partial(_cpu_context, scale=scale),
                           accelerator=functools.partial(fused_attention, scale=scale, cudnn=False),
-                          cuda=functools.partial(fused_attention, scale=scale, cudnn=True))
+                          cuda=functools.partial(fused_attention, scale=scale, cudnn=True),
+                          tpu=functools.partial(tpu_flash_attention, scale=scale))
     return context, None
 
 

@@ -21,6 +21,7 @@ from flax import nnx, traverse_util
 from jaxmed import data as jdata
 from jaxmed.convert import TABLES, hub
 from jaxmed.errors import JaxmedError
+from jaxmed.models import kernels
 from jaxmed.train import mesh as jmesh
 from jaxmed.train import optim
 
@@ -266,8 +267,9 @@ def make_eval_step(run: Run):
     graph, rest = run.graph_eval, run.rest
 
     def eval_step(params, stats, images):
-        model = nnx.merge(graph, params, stats, rest)
-        return model(jdata.model_inputs(images, run.preprocessor)).astype(jnp.float32)
+        with kernels.batch_mesh(run.mesh):
+            model = nnx.merge(graph, params, stats, rest)
+            return model(jdata.model_inputs(images, run.preprocessor)).astype(jnp.float32)
 
     return jax.jit(eval_step, in_shardings=(run.shardings["params"], run.shardings["stats"],
                                             jmesh.batch_sharding(run.mesh)),
@@ -297,7 +299,8 @@ def make_features_step(run: Run):
     graph, rest = run.graph_eval, run.rest
 
     def features_step(params, stats, images):
-        output = nnx.merge(graph, params, stats, rest).forward(jdata.model_inputs(images, run.preprocessor))
+        with kernels.batch_mesh(run.mesh):
+            output = nnx.merge(graph, params, stats, rest).forward(jdata.model_inputs(images, run.preprocessor))
         return output.features.astype(jnp.float32), output.logits.astype(jnp.float32)
 
     replicated = jmesh.replicated(run.mesh)

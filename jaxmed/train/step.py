@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 
 from jaxmed import data as jdata
+from jaxmed.models import kernels
 from jaxmed.train import mesh as jmesh
 from jaxmed.train import optim
 from jaxmed.train.run import Run
@@ -86,5 +87,10 @@ def make_train_step(run: Run, tx, class_weights, phase: optim.Phase):
     state_shardings = {"params": run.shardings["params"], "stats": run.shardings["stats"],
                        "opt": jmesh.tree_shardings(run.mesh, jax.eval_shape(tx.init, run.abstract["params"])),
                        "step": jmesh.replicated(run.mesh)}
-    return jax.jit(train_step, in_shardings=(state_shardings, jmesh.batch_sharding(run.mesh)),
+
+    def sharded_step(state, batch):
+        with kernels.batch_mesh(run.mesh):  # the TPU's Pallas attention runs per device over the batch
+            return train_step(state, batch)
+
+    return jax.jit(sharded_step, in_shardings=(state_shardings, jmesh.batch_sharding(run.mesh)),
                    out_shardings=(state_shardings, jmesh.replicated(run.mesh)), donate_argnums=0)
