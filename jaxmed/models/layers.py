@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxmed.models.kernels import (fused_attention, grouped_depthwise, identity, per_backend, pointwise_conv,
                                    tpu_flash_attention)
@@ -116,6 +117,9 @@ def _mixed_matmul_bwd(residuals, cotangent):
 _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
+LINEAR_OUTPUT = "linear_output"
+
+
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
     """`lax.dot_general` for `nnx.Linear(dot_general=...)`: a Linear's contraction goes through `matmul`, so
     mixed precision gets its fp32 accumulation; anything else is `lax.dot_general` itself."""
@@ -123,7 +127,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     if (tuple(lhs_contract), tuple(rhs_contract)) == ((lhs.ndim - 1,), (0,)) and batch == ((), ()) \
             and rhs.ndim == 2 and precision is None and preferred_element_type is None \
             and kwargs.get("out_sharding") is None:
-        return matmul(lhs, rhs)
+        # named for `model.remat=blocks`: in mixed precision the dot is inside `_mixed_matmul`'s custom VJP,
+        # where the checkpoint policy's dot rule cannot see it (fp32 takes the plain, visible dot)
+        return checkpoint_name(matmul(lhs, rhs), LINEAR_OUTPUT)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type, **kwargs)
 

@@ -7,11 +7,15 @@ import jax
 from flax import nnx
 
 from jaxmed.errors import JaxmedError
+from jaxmed.models import layers
 
-# none: keep every activation. blocks: keep the outputs of the matmuls without batch dimensions (the linear layers)
-# and recompute the rest of each transformer block / residual stage (norms, activations, attention scores, convs).
-# full: keep only each block's input and recompute all of it.
-POLICIES = {"blocks": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+# none: keep every activation. blocks: keep the outputs of the linear layers (matmuls without batch dimensions; in
+# mixed precision their fp32 outputs, named by `layers.dot_general`) and recompute the rest of each transformer
+# block / residual stage (norms, activations, attention, convolutions). full: keep only each block's input and
+# recompute all of it.
+POLICIES = {"blocks": jax.checkpoint_policies.save_from_both_policies(
+                jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                jax.checkpoint_policies.save_only_these_names(layers.LINEAR_OUTPUT)),
             "full": jax.checkpoint_policies.nothing_saveable}
 MODES = ("none", *POLICIES)
 
