@@ -92,7 +92,9 @@ def _both(fn, *args):
 
 def _assert_agree(results, tol=1e-5):
     (v_cpu, g_cpu, _), (v_acc, g_acc, _) = results["cpu"], results["accelerator"]
-    np.testing.assert_allclose(v_acc, v_cpu, rtol=tol)
+    # a sum of O(1) terms that may nearly cancel (its inputs come from the module's RNG, whose state depends on
+    # which tests ran before on this xdist worker): held to `tol` absolutely as well as relatively
+    np.testing.assert_allclose(v_acc, v_cpu, rtol=tol, atol=tol)
     leaves_cpu, leaves_acc = jax.tree.leaves(g_cpu), jax.tree.leaves(g_acc)
     assert len(leaves_cpu) == len(leaves_acc)
     for a, c in zip(leaves_acc, leaves_cpu):
