@@ -81,6 +81,25 @@ def test_fsdp_over_a_multihost_v5litepod_16_shards_the_parameters():
     assert "all-gather" not in plain["collectives"]  # data parallel only: one gradient all-reduce
 
 
+@pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "configs").glob("*.py")))
+def test_every_shipped_config_builds_its_programs_from_shapes_alone(path):
+    """Without the hub or the datasets (this machine), each shipped config's run is built abstractly as the compile
+    needs it — the hub models' shapes from hub_configs.toml (EfficientNet-B0 once got B7's top width from the class
+    defaults and failed here, a traceback for a user) — and its train step lowers for a v5litepod-8."""
+    from jaxmed.compile import programs, report, targets
+
+    targets.prepare_process()
+    config = config_file(f"configs/{path}")
+    config.model.dtype = "bfloat16"
+    config.mesh.data, config.mesh.fsdp = -1, 1
+    target = targets.target("v5litepod-8")
+    mesh = programs.target_mesh(config, targets.devices(target), target.hosts, target.name)
+    run = programs.abstract_run(config, mesh, programs.class_names(config, None))
+    [first, *_] = programs.train_programs(run, target.name, per_device_batch=1)
+    lowered = first.step.lower(*first.args)  # traced with the TPU kernels staged, as the compile gets it
+    assert lowered.out_info[1]["loss"].shape == () and report.program_devices(first) == 8
+
+
 def test_a_batch_that_does_not_fit_reports_a_smaller_one_that_does(monkeypatch):
     """A chip with a few MiB of HBM (the real 16 GiB would need a large model and minutes): 64 images per device
     do not fit, --fit-batch finds a smaller batch that does."""
