@@ -71,7 +71,7 @@ def test_flash_attention_matches_torch_values_and_gradients(mesh, shape):
     assert "pallas_call" in jaxpr and "shard_map" in jaxpr
 
     ref, leaves = _torch_attention(q, k, v, scale)
-    (ref * torch.from_numpy(np.asarray(w))).sum().backward()
+    (ref * torch.from_numpy(np.array(w))).sum().backward()
     assert np.abs(np.asarray(context) - ref.detach().numpy()).max() <= 2e-6
     for ours, theirs in zip(grads, leaves, strict=True):
         assert np.abs(np.asarray(ours) - theirs.grad.numpy()).max() <= 1e-5
