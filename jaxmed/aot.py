@@ -47,13 +47,13 @@ def main(argv) -> int:
             raise JaxmedError(f"--target is required; known targets: {', '.join(targets.known_targets())}")
         from tqdm import tqdm
 
-        from jaxmed.compile import report
+        from jaxmed.compile import isolated, report
 
         for name in _TARGETS.value:  # every name checked before the first (slow) compile
             targets.target(name)
         with tqdm(unit="program", desc="compiling", dynamic_ncols=True) as bar:
-            records = report.compile_all(_CONFIG.value, _TARGETS.value, num_classes=_NUM_CLASSES.value or None,
-                                         fit_batch=_FIT_BATCH.value, progress=bar)
+            records = isolated.compile_all(_CONFIG.value, _TARGETS.value, num_classes=_NUM_CLASSES.value or None,
+                                           fit_batch=_FIT_BATCH.value, progress=bar)
     except JaxmedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
