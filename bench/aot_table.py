@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import sys
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -37,39 +35,6 @@ def load_config(path: Path):
     return config
 
 
-def compile_in_child(path: Path, target: str, fit_batch: bool) -> dict:
-    """One config × target compiled in a child process: libtpu has crashed this machine's compiles outright (a
-    stack overflow in its instruction migration, SIGSEGV), which must cost one record, not the table."""
-    context = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory() as directory:
-        result = Path(directory) / "record.json"
-        child = context.Process(target=_compile_one, args=(path, target, fit_batch, result))
-        child.start()
-        child.join()
-        if child.exitcode == 0 and result.exists():
-            return json.loads(result.read_text())
-    return {"config": path.stem, "target": target, "error": f"the compiler process died (exit code {child.exitcode})"}
-
-
-def _compile_one(path: Path, target: str, fit_batch: bool, result: Path) -> None:
-    sys.path.insert(0, str(ROOT))
-    from jaxmed.compile import targets
-
-    targets.prepare_process()
-    from jaxmed.compile import programs, report
-
-    config = load_config(path)
-    try:
-        model_type = programs.model_spec(config).hf_config.model_type
-        batch = PER_DEVICE_BATCH_BY_MODEL.get(model_type, PER_DEVICE_BATCH)
-        found = report.compile_all(config, [target], per_device_batch=batch, include_eval=False, fit_batch=fit_batch)
-        found.sort(key=lambda r: -(r.get("bytes_per_device") or 0))  # the most memory-hungry phase stands for it
-        record = {"config": path.stem, "model": model_type, **found[0]}
-    except Exception as error:  # noqa: BLE001 — any failure is this record's, and the table goes on
-        record = {"config": path.stem, "target": target, "error": f"{type(error).__name__}: {error}"}
-    result.write_text(json.dumps(record))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", type=Path, help="configs/X.py (repeatable; default: all)")
@@ -85,11 +50,32 @@ def main(argv=None) -> int:
     done = {(r["config"], r.get("target")) for r in records if not r.get("error")}
     records = [r for r in records if not r.get("error")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    from jaxmed.compile import targets
+
+    targets.prepare_process()
+    from jaxmed.compile import isolated, programs
+    from jaxmed.errors import JaxmedError
+
     for path in tqdm(configs, desc="configs"):
+        config = load_config(path)
+        try:
+            model_type = programs.model_spec(config).hf_config.model_type
+        except Exception as error:  # noqa: BLE001 — this config's row says why, and the table goes on
+            records.append({"config": path.stem, "error": f"{type(error).__name__}: {error}"})
+            continue
+        batch = PER_DEVICE_BATCH_BY_MODEL.get(model_type, PER_DEVICE_BATCH)
         for target in args.target or TARGETS:
             if (path.stem, target) in done:
                 continue
-            records.append(compile_in_child(path, target, args.fit_batch))
+            # each target in its own process (a libtpu SIGSEGV costs this row, not the table)
+            try:
+                found = isolated.compile_all(config, [target], per_device_batch=batch, include_eval=False,
+                                             fit_batch=args.fit_batch)
+            except JaxmedError as error:  # the config, before any compile (e.g. its classes are unknown here)
+                found = [{"target": target, "error": str(error)}]
+            found.sort(key=lambda r: -(r.get("bytes_per_device") or 0))  # the most memory-hungry phase stands
+            records.append({"config": path.stem, "model": model_type, **found[0]})
             args.out.write_text(json.dumps(records, indent=1) + "\n")
     args.out.write_text(json.dumps(records, indent=1) + "\n")
     print(markdown(records))
