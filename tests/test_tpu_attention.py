@@ -1,4 +1,4 @@
-"""TPU attention: Pallas FlashAttention (`kernels.tpu_flash_attention`) checked on this CPU in Pallas's TPU
+"""TPU attention: Pallas splash attention (`kernels.tpu_splash_attention`) checked on this CPU in Pallas's TPU
 interpret mode — the kernel code libtpu compiles, run step by step — against PyTorch's attention and HF models,
 inside `shard_map` over a two-device batch mesh as the train step runs it."""
 
@@ -53,7 +53,7 @@ def _torch_attention(q, k, v, scale):
 
 @pytest.mark.usefixtures("tpu_kernels")
 @pytest.mark.parametrize("shape", [(17, 17, 8), (50, 13, 16), (130, 6, 8)], ids=["vit", "cvt-keys", "two-blocks"])
-def test_flash_attention_matches_torch_values_and_gradients(mesh, shape):
+def test_splash_attention_matches_torch_values_and_gradients(mesh, shape):
     queries, keys, head_dim = shape
     q, k, v = (jnp.asarray(RNG.randn(4, 3, n, head_dim), jnp.float32) for n in (queries, keys, keys))
     w = jnp.asarray(RNG.randn(4, 3, queries, head_dim), jnp.float32)
@@ -83,7 +83,7 @@ def _in_mesh(mesh, fn, *args):
 
 
 @pytest.mark.usefixtures("tpu_kernels")
-def test_bf16_flash_attention_is_close_to_fp32_and_returns_the_cpu_kernels_dtype(mesh):
+def test_bf16_splash_attention_is_close_to_fp32_and_returns_the_cpu_kernels_dtype(mesh):
     q, k, v = (jnp.asarray(RNG.randn(2, 2, 17, 8), jnp.float32) for _ in range(3))
     attend = lambda *a: layers.attention(*a, 0.3, need_weights=False)[0]  # noqa: E731
     spec = P(("data", "fsdp"))

@@ -196,7 +196,7 @@ def batch_mesh(mesh: jax.sharding.Mesh):
 _SPLASH_BLOCK = 128
 
 
-def tpu_flash_attention(q, k, v, *, scale):
+def tpu_splash_attention(q, k, v, *, scale):
     """Attention on TPUs through Pallas's fused splash attention (`jax.experimental.pallas.ops.tpu.
     splash_attention`, as MaxText uses): a block of queries' scores live in VMEM only, never in HBM, and the
     backward pass keeps one fp32 log-sum-exp per query and head. (XLA's composition writes and keeps every head's

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxmed.models.kernels import (fused_attention, grouped_depthwise, identity, per_backend, pointwise_conv,
-                                   tpu_flash_attention)
+                                   tpu_splash_attention)
 
 
 class Static:
@@ -148,7 +148,7 @@ def attention(q, k, v, scale: float, dropout: nnx.Dropout | None = None, need_we
 
     Without weights and dropout (training and inference), GPUs and TPUs run `jax.nn.dot_product_attention`
     (`per_backend`): cuDNN's fused attention on NVIDIA GPUs for bf16/fp16 and head_dim a multiple of 8 up to 256,
-    Pallas FlashAttention on TPUs when the step is traced under `kernels.batch_mesh`, XLA's composition otherwise;
+    Pallas splash attention on TPUs when the step is traced under `kernels.batch_mesh`, XLA's composition otherwise;
     the weights returned are then None, on every backend.
     """
     if dropout is not None and not dropout.deterministic and dropout.rate > 0:
@@ -159,7 +159,7 @@ def attention(q, k, v, scale: float, dropout: nnx.Dropout | None = None, need_we
     context = per_backend(q, k, v, cpu=functools.partial(_cpu_context, scale=scale),
                           accelerator=functools.partial(fused_attention, scale=scale, cudnn=False),
                           cuda=functools.partial(fused_attention, scale=scale, cudnn=True),
-                          tpu=functools.partial(tpu_flash_attention, scale=scale))
+                          tpu=functools.partial(tpu_splash_attention, scale=scale))
     return context, None
 
 
