@@ -352,17 +352,31 @@ def test_up_compiles_the_config_first_and_goes_on_when_it_fits(tpu):
     assert [call[3] for call in calls] == ["describe", "scp", "ssh", "ssh"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the aot-tpu extra) is not installed")
-def test_up_refuses_a_config_that_does_not_fit_and_names_the_largest_batch(tmp_path, monkeypatch, capsys):
-    """In-process with the fake gcloud, on a v5e chip shrunk to 13 MiB of HBM (a config that overflows the real
-    16 GiB compiles for many minutes here): 64 images per chip of the tiny ViT do not fit; nothing is created."""
+def _compiles_on_a_small_chip(config, name, options, path):
+    """The preflight's compiler child (`isolated._compile_target`) on a v5e chip shrunk to 13 MiB of HBM."""
     import dataclasses
 
-    from jaxmed.compile import report, targets
+    from jaxmed.compile import isolated, targets
 
     real = targets.target
-    monkeypatch.setattr(report.jtargets, "target", lambda name: dataclasses.replace(
-        real(name), chip=dataclasses.replace(real(name).chip, hbm_bytes=13 * 2**20)))
+    targets.target = lambda name: dataclasses.replace(
+        real(name), chip=dataclasses.replace(real(name).chip, hbm_bytes=13 * 2**20))
+    isolated._compile_target(config, name, options, path)
+
+
+def _dies_compiling(config, name, options, path):
+    """The preflight's compiler child killed as libtpu 0.0.42.1 dies on ResNet-50 for v6e-8 (SIGSEGV)."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _launch_up(tmp_path, monkeypatch, child, accelerator, *command):
+    """launch/tpu.py's main in-process with the fake gcloud, on `accelerator`, the preflight's compiler child
+    replaced by `child`; returns (exit code, gcloud call log)."""
+    from jaxmed.compile import isolated
+
+    monkeypatch.setattr(isolated, "_compile_target", child)  # pickled by name into the spawned child
     (tmp_path / "bin").mkdir()
     fake = tmp_path / "bin/gcloud"
     fake.write_text(FAKE_GCLOUD.format(python=sys.executable))
@@ -374,11 +388,28 @@ def test_up_refuses_a_config_that_does_not_fit_and_names_the_largest_batch(tmp_p
     launch = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "launch_tpu", launch)  # its dataclasses look their module up there
     spec.loader.exec_module(launch)
-    code = launch.main(["up", *SETTINGS, "--accelerator", "v5litepod-8", *TINY_RUN,
-                        "--config.train.batch_size=512"])
+    return launch.main(["up", *SETTINGS, "--accelerator", accelerator, *TINY_RUN, *command]), log
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the aot-tpu extra) is not installed")
+def test_up_refuses_a_config_that_does_not_fit_and_names_the_largest_batch(tmp_path, monkeypatch, capsys):
+    """On a v5e chip shrunk to 13 MiB of HBM (a config that overflows the real 16 GiB compiles for many minutes
+    here), 64 images per chip of the tiny ViT do not fit; nothing is created."""
+    code, log = _launch_up(tmp_path, monkeypatch, _compiles_on_a_small_chip, "v5litepod-8",
+                           "--config.train.batch_size=512")
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert code == 2 and error, error
     assert "preflight: train/train needs" in error[0] and "at 64 images per device" in error[0]
     largest = int(error[0].split("the largest train batch that fits is ")[1].split()[0])
     assert 1 <= largest < 64 and f"--config.train.batch_size={largest * 8}" in error[0]
     assert not log.exists()  # no gcloud call: nothing described, nothing created
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the aot-tpu extra) is not installed")
+def test_a_compiler_crash_in_the_preflight_refuses_the_slice_and_launch_survives(tmp_path, monkeypatch, capsys):
+    code, log = _launch_up(tmp_path, monkeypatch, _dies_compiling, "v6e-8")
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and error, error
+    assert "does not compile for v6e-8: the compiler process died (SIGSEGV)" in error[0], error[0]
+    assert "--no-preflight" in error[0]
+    assert not log.exists()

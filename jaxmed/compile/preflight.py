@@ -40,14 +40,15 @@ def check(accelerator: str, command: list[str]) -> str:
     config = command_config(command)
     if config is None:
         return "preflight skipped: the command is not `python -m jaxmed.main --config ...`"
-    from jaxmed.compile import report
+    from jaxmed.compile import isolated
 
-    records = report.compile_all(config, [accelerator], fit_batch=True, fit_only_if_needed=True,
-                                 resolution=RESOLUTION)
+    # in a child process, as `python -m jaxmed.aot`: a libtpu crash refuses the slice instead of killing launch
+    records = isolated.compile_all(config, [accelerator], fit_batch=True, fit_only_if_needed=True,
+                                   resolution=RESOLUTION)
     failed = [r for r in records if r.get("error")]
     if failed:
         raise JaxmedError(f"preflight: {failed[0].get('program') or 'the config'} does not compile for "
-                          f"{accelerator}: {failed[0]['error']}")
+                          f"{accelerator}: {failed[0]['error']}; or pass --no-preflight")
     misfits = [r for r in records if not r["fits"]]
     if misfits:
         worst = max(misfits, key=lambda r: r["bytes_per_device"] or float("inf"))
