@@ -1,5 +1,6 @@
 """model.remat: checkpointing each block changes what the backward pass keeps, never the numbers."""
 
+import collections
 import contextlib
 import io
 import math
@@ -83,25 +84,35 @@ def test_remat_eval_step_merges_without_copies():
     np.testing.assert_allclose(outputs["blocks"], outputs["none"], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_blocks_keeps_the_linear_outputs_and_full_keeps_none(dtype):
-    """What each mode keeps for the backward pass (jax's own residual listing): `blocks` keeps the linear layers'
-    outputs — in bf16 too, where they come out of the mixed-precision matmul's custom VJP, invisible to a dot
-    policy — and `full` keeps only the blocks' inputs; so blocks keeps fewer residuals than none, full fewer still."""
-    def residual_bytes(mode):
-        config = config_file("tests/tiny_config.py")
-        config.model.remat, config.model.dtype = mode, dtype
-        config.model.hf_config.update(dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-        model = jrun.build_model(jrun.model_spec(config), jnp.dtype(dtype), 0)
-        graph, params, rest = nnx.split(model, nnx.Param, ...)
-        loss = lambda params: nnx.merge(graph, params, rest, copy=True)(jnp.ones((2, 32, 32, 3))).sum()  # noqa: E731
-        listing = io.StringIO()
-        with contextlib.redirect_stdout(listing):
-            jax.ad_checkpoint.print_saved_residuals(loss, params)  # one "bf16[2,17,48] output of ..." per line
-        activations = [line for line in listing.getvalue().splitlines() if "from the argument" not in line]
-        sizes = [re.match(r"(\w+)\[([\d,]*)\]", line).groups() for line in activations]
-        itemsize = {"f32": 4, "bf16": 2, "i32": 4, "s32": 4, "u32": 4, "bool": 1, "u8": 1, "key<fry>": 8}
-        return sum(math.prod(int(d) for d in dims.split(",") if d) * itemsize[kind] for kind, dims in sizes)
+def _saved_residuals(mode: str, dtype: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of every activation the tiny ViT's backward pass keeps under `mode` (jax's own listing)."""
+    config = config_file("tests/tiny_config.py")
+    config.model.remat, config.model.dtype = mode, dtype
+    config.model.hf_config.update(dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    model = jrun.build_model(jrun.model_spec(config), jnp.dtype(dtype), 0)
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda params: nnx.merge(graph, params, rest, copy=True)(jnp.ones((2, 32, 32, 3))).sum()  # noqa: E731
+    listing = io.StringIO()
+    with contextlib.redirect_stdout(listing):
+        jax.ad_checkpoint.print_saved_residuals(loss, params)  # one "bf16[2,17,48] output of ..." per line
+    activations = [line for line in listing.getvalue().splitlines() if "from the argument" not in line]
+    return [(kind, tuple(int(d) for d in dims.split(",") if d))
+            for kind, dims in (re.match(r"(\S+)\[([\d,]*)\]", line).groups() for line in activations)]
 
-    none, blocks, full = (residual_bytes(mode) for mode in ("none", "blocks", "full"))
-    assert none > blocks > full, (none, blocks, full)
+
+def _bytes(residuals) -> int:
+    itemsize = {"f32": 4, "bf16": 2, "i32": 4, "s32": 4, "u32": 4, "bool": 1, "u8": 1, "key<fry>": 8}
+    return sum(math.prod(shape) * itemsize[kind] for kind, shape in residuals)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_blocks_keeps_each_attentions_qkv_and_full_keeps_none(dtype):
+    """`blocks` keeps exactly each layer's q, k, v (token-major, in the compute dtype) beyond what `full` keeps
+    (each block's input); `none` keeps more than both."""
+    config = config_file("tests/tiny_config.py").model.hf_config
+    qkv = ({"float32": "f32", "bfloat16": "bf16"}[dtype], (2, 17, config.hidden_size))
+    none, blocks, full = (_saved_residuals(mode, dtype) for mode in ("none", "blocks", "full"))
+    extra = collections.Counter(blocks)
+    extra.subtract(full)
+    assert +extra == collections.Counter({qkv: 3 * config.num_hidden_layers}) and not -extra, (blocks, full)
+    assert _bytes(none) > _bytes(blocks) > _bytes(full), (none, blocks, full)

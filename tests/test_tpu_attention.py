@@ -1,6 +1,7 @@
-"""TPU attention: Pallas splash attention (`kernels.tpu_splash_attention`) checked on this CPU in Pallas's TPU
-interpret mode — the kernel code libtpu compiles, run step by step — against PyTorch's attention and HF models,
-inside `shard_map` over a two-device batch mesh as the train step runs it."""
+"""TPU attention (`kernels.tpu_attention`): jaxmed's token-major Pallas kernel (`models/pallas_attention.py`) and
+Pallas's splash attention for long sequences, checked on this CPU in Pallas's interpret mode — the kernel code
+libtpu compiles, run step by step — against PyTorch's attention and HF models, inside `shard_map` over a two-device
+batch mesh as the train step runs it."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from helpers_models import check_train_step
 from hf_utils import assert_grads_close, images, nhwc, save_hf, torch_grads
 from jaxmed.convert import TABLES, from_pretrained
 from jaxmed.convert.core import to_hf
-from jaxmed.models import kernels, layers
+from jaxmed.models import kernels, layers, pallas_attention
 from jaxmed.train import mesh as jmesh
 
 RNG = np.random.RandomState(0)
@@ -51,12 +52,22 @@ def _torch_attention(q, k, v, scale):
     return out, (q, k, v)
 
 
+@pytest.fixture(params=["tokens", "splash"])
+def kernel(request, monkeypatch):
+    """Which TPU kernel runs: the token-major one (every shape here fits it) or splash (forced, as for sequences
+    too long for the token-major one)."""
+    if request.param == "splash":
+        monkeypatch.setattr(pallas_attention, "MAX_SCORES", 0)
+    return request.param
+
+
 @pytest.mark.usefixtures("tpu_kernels")
-@pytest.mark.parametrize("shape", [(17, 17, 8), (50, 13, 16), (130, 6, 8)], ids=["vit", "cvt-keys", "two-blocks"])
-def test_splash_attention_matches_torch_values_and_gradients(mesh, shape):
-    queries, keys, head_dim = shape
-    q, k, v = (jnp.asarray(RNG.randn(4, 3, n, head_dim), jnp.float32) for n in (queries, keys, keys))
-    w = jnp.asarray(RNG.randn(4, 3, queries, head_dim), jnp.float32)
+@pytest.mark.parametrize("shape", [(3, 17, 17, 8), (3, 50, 13, 16), (3, 130, 6, 8), (4, 17, 9, 64)],
+                         ids=["vit", "cvt-keys", "two-blocks", "two-head-groups"])
+def test_tpu_attention_matches_torch_values_and_gradients(mesh, shape, kernel):
+    heads, queries, keys, head_dim = shape
+    q, k, v = (jnp.asarray(RNG.randn(4, heads, n, head_dim), jnp.float32) for n in (queries, keys, keys))
+    w = jnp.asarray(RNG.randn(4, heads, queries, head_dim), jnp.float32)
     scale = head_dim**-0.5
 
     def loss(q, k, v):
@@ -69,6 +80,7 @@ def test_splash_attention_matches_torch_values_and_gradients(mesh, shape):
     (_, context), grads = step(q, k, v)
     jaxpr = str(jax.make_jaxpr(lambda *a: _in_mesh(mesh, loss, *a))(q, k, v))
     assert "pallas_call" in jaxpr and "shard_map" in jaxpr
+    assert ("splash" in jaxpr) == (kernel == "splash")
 
     ref, leaves = _torch_attention(q, k, v, scale)
     (ref * torch.from_numpy(np.array(w))).sum().backward()
@@ -77,13 +89,21 @@ def test_splash_attention_matches_torch_values_and_gradients(mesh, shape):
         assert np.abs(np.asarray(ours) - theirs.grad.numpy()).max() <= 1e-5
 
 
+def test_token_major_blocks_take_128_lanes_of_heads_or_the_whole_width():
+    assert pallas_attention.heads_per_block(12, 64) == 2  # ViT-B/16: 768 = 6 blocks of two heads
+    assert pallas_attention.heads_per_block(4, 32) == 4
+    assert pallas_attention.heads_per_block(3, 64) == 3  # CvT-13 stage 2: 192 lanes, no 128-lane split
+    assert pallas_attention.heads_per_block(1, 64) == 1
+    assert pallas_attention.supported(197, 197) and not pallas_attention.supported(3136, 784)
+
+
 def _in_mesh(mesh, fn, *args):
     with kernels.batch_mesh(mesh):
         return fn(*args)
 
 
 @pytest.mark.usefixtures("tpu_kernels")
-def test_bf16_splash_attention_is_close_to_fp32_and_returns_the_cpu_kernels_dtype(mesh):
+def test_bf16_tpu_attention_is_close_to_fp32_and_returns_the_cpu_kernels_dtype(mesh, kernel):
     q, k, v = (jnp.asarray(RNG.randn(2, 2, 17, 8), jnp.float32) for _ in range(3))
     attend = lambda *a: layers.attention(*a, 0.3, need_weights=False)[0]  # noqa: E731
     spec = P(("data", "fsdp"))
@@ -125,7 +145,7 @@ def _sharded_train_step(model, pixels, labels):
 
 
 @pytest.mark.usefixtures("tpu_kernels")
-def test_vit_parity_with_the_tpu_kernels(tmp_path):
+def test_vit_parity_with_the_tpu_kernels(tmp_path, kernel):
     """ViT (transformers 5 renames its modules in memory: gradients are compared by checkpoint key, as in
     test_backend_kernels)."""
     hf, ours = test_vit._hf(tmp_path, **test_vit.SMALL)
@@ -139,15 +159,15 @@ def test_vit_parity_with_the_tpu_kernels(tmp_path):
     result = assert_grads_close(to_hf(flat, TABLES["vit"][0]), ref_grads)
     assert abs(float(loss) - ref_loss) <= 1e-5 * max(1.0, abs(ref_loss))
     assert np.abs(np.asarray(logits) - ref_logits).max() <= 1e-4
-    print("tpu kernels vs HF: vit", result)
+    print("tpu kernels vs HF: vit", kernel, result, float(np.abs(np.asarray(logits) - ref_logits).max()))
 
 
 @pytest.mark.usefixtures("tpu_kernels")
 @pytest.mark.parametrize("config", ["cls-avg", "no-cls"])
-def test_cvt_parity_with_the_tpu_kernels(tmp_path, config):
+def test_cvt_parity_with_the_tpu_kernels(tmp_path, config, kernel):
     """CvT: more queries than keys (strided key/value projections), a cls token in the last stage or none."""
     hf = test_cvt._hf_model(test_cvt.CONFIGS[config])
     ours = from_pretrained(save_hf(hf, tmp_path / "hf"))
     result = check_train_step(hf, ours, images(4, test_cvt.SIZE, seed=1), np.array([0, 1, 2, 2]),
                               forward=test_cvt._torch_forward, step=_sharded_train_step)
-    print("tpu kernels vs HF: cvt", config, result)
+    print("tpu kernels vs HF: cvt", config, kernel, result)

@@ -187,15 +187,9 @@ class SelfAttention(nnx.Module):
         if self.with_cls_token:
             query, key, value = (jnp.concatenate([cls, t], axis=1) for t in (query, key, value))
 
-        head_dim = dim // self.num_heads
-
-        def heads(t):  # (B, T, D) → (B, heads, T, head_dim), in the compute dtype (a mixed Linear returns fp32)
-            t = t.astype(self.projection_query.dtype or t.dtype)
-            return t.reshape(batch, t.shape[1], self.num_heads, head_dim).transpose(0, 2, 1, 3)
-
-        query = heads(self.projection_query(query))
-        key = heads(self.projection_key(key))
-        value = heads(self.projection_value(value))
+        query, key, value = (layers.split_heads(linear(t), self.num_heads, self.projection_query.dtype)
+                             for linear, t in ((self.projection_query, query), (self.projection_key, key),
+                                               (self.projection_value, value)))
         # head-major batched matmuls: XLA:CPU runs these much faster than the equivalent einsums (as in vit.py)
         context, weights = layers.attention(query, key, value, self.scale, self.dropout,
                                             need_weights=output_attentions)

@@ -37,7 +37,7 @@ def force_kernels(kind: str):
 
     On CPU, "accelerator" runs the GPU/TPU kernels through XLA:CPU (attention through the XLA implementation of
     `jax.nn.dot_product_attention`: cuDNN cannot run there), so their numerics can be checked against PyTorch;
-    "tpu" adds the TPU-only kernels (Pallas splash attention, run by Pallas's interpreter: XLA:CPU cannot run
+    "tpu" adds the TPU-only kernels (Pallas attention kernels, run by Pallas's interpreter: XLA:CPU cannot run
     Mosaic).
     The choice is made while tracing, so jax's compilation caches are cleared on entry and exit: a function traced
     before must not be reused with the other kernels.
@@ -196,21 +196,26 @@ def batch_mesh(mesh: jax.sharding.Mesh):
 _SPLASH_BLOCK = 128
 
 
-def tpu_splash_attention(q, k, v, *, scale):
-    """Attention on TPUs through Pallas's fused splash attention (`jax.experimental.pallas.ops.tpu.
-    splash_attention`, as MaxText uses): a block of queries' scores live in VMEM only, never in HBM, and the
-    backward pass keeps one fp32 log-sum-exp per query and head. (XLA's composition writes and keeps every head's
-    tokens × tokens scores; Pallas's `flash_attention` kernel keeps its softmax statistics 128 lanes wide, 2 KiB
-    per query and head — more than the scores of a 197-token ViT: it made the step larger.) The Mosaic custom
-    call cannot be split by XLA's SPMD partitioner, so it runs inside `shard_map` over the batch mesh of
-    `batch_mesh`; without one, or when the batch does not divide over it, XLA's attention is used instead."""
+def tpu_attention(q, k, v, *, scale):
+    """Attention on TPUs through a fused Pallas kernel, whose scores live in VMEM only, never in HBM (XLA's
+    composition writes and keeps every head's tokens × tokens scores): for sequences whose scores fit VMEM whole
+    (ViT's 197 tokens, CvT's later stages) jaxmed's token-major kernel (`pallas_attention`), for longer ones
+    Pallas's splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`, as MaxText uses), which tiles
+    them. (Pallas's `flash_attention` kernel keeps its softmax statistics 128 lanes wide, 2 KiB per query and head
+    — more than the scores of a 197-token ViT: it made the step larger.) Mosaic's custom calls cannot be split by
+    XLA's SPMD partitioner, so the kernel runs inside `shard_map` over the batch mesh of `batch_mesh`; without one,
+    or when the batch does not divide over it, XLA's attention is used instead."""
+    from jaxmed.models import pallas_attention
+
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or q.shape[0] % mesh.size:
         return fused_attention(q, k, v, scale=scale, cudnn=False)
+    if pallas_attention.supported(q.shape[2], k.shape[2]):
+        kernel = functools.partial(pallas_attention.attention, scale=scale, interpret=_FORCED[0] == "tpu")
+    else:
+        kernel = functools.partial(_splash_attention, scale=scale)
     spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
-    per_device = jax.shard_map(functools.partial(_splash_attention, scale=scale), mesh=mesh,
-                               in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
-    return per_device(q, k, v)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
 
 
 def _splash_attention(q, k, v, *, scale):

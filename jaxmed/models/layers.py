@@ -16,7 +16,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxmed.models.kernels import (fused_attention, grouped_depthwise, identity, per_backend, pointwise_conv,
-                                   tpu_splash_attention)
+                                   tpu_attention)
 
 
 class Static:
@@ -107,8 +107,10 @@ def _mixed_matmul_bwd(residuals, cotangent):
     a, b = residuals
     g = cotangent.astype(a.dtype)
     da = jnp.matmul(g, _swap(b), preferred_element_type=jnp.float32).astype(a.dtype)
-    if b.ndim == 2:  # a weight: contract every leading dimension of a
-        db = jnp.matmul(a.reshape(-1, a.shape[-1]).T, g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
+    if b.ndim == 2:  # a weight: contract every leading dimension of a — in place: flattening (B, 197, C) to
+        # (B·197, C) is a copy in TPU tiles (197 is no multiple of 8), and XLA:CPU ran the flattened form 3x slower
+        lead = tuple(range(a.ndim - 1))
+        db = jax.lax.dot_general(a, g, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
     else:
         db = jnp.matmul(_swap(a), g, preferred_element_type=jnp.float32)
     return da, db.astype(b.dtype)
@@ -118,6 +120,16 @@ _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
 LINEAR_OUTPUT = "linear_output"
+ATTENTION_INPUT = "attention_input"  # the head-major q, k, v in the compute dtype: what `model.remat=blocks` keeps
+
+
+def split_heads(t, num_heads: int, dtype):
+    """(B, T, D) → (B, heads, T, D / heads) in `dtype` (the compute dtype: a mixed Linear returns fp32). The
+    token-major cast is named `ATTENTION_INPUT` for the remat policy: kept head-major, a head_dim of 64 would fill
+    TPU tiles of 128 lanes only half."""
+    batch, tokens, dim = t.shape
+    t = checkpoint_name(t.astype(dtype or t.dtype), ATTENTION_INPUT)
+    return t.reshape(batch, tokens, num_heads, dim // num_heads).transpose(0, 2, 1, 3)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
@@ -148,7 +160,8 @@ def attention(q, k, v, scale: float, dropout: nnx.Dropout | None = None, need_we
 
     Without weights and dropout (training and inference), GPUs and TPUs run `jax.nn.dot_product_attention`
     (`per_backend`): cuDNN's fused attention on NVIDIA GPUs for bf16/fp16 and head_dim a multiple of 8 up to 256,
-    Pallas splash attention on TPUs when the step is traced under `kernels.batch_mesh`, XLA's composition otherwise;
+    Pallas kernels on TPUs when the step is traced under `kernels.batch_mesh` (`kernels.tpu_attention`), XLA's
+    composition otherwise;
     the weights returned are then None, on every backend.
     """
     if dropout is not None and not dropout.deterministic and dropout.rate > 0:
@@ -159,7 +172,7 @@ def attention(q, k, v, scale: float, dropout: nnx.Dropout | None = None, need_we
     context = per_backend(q, k, v, cpu=functools.partial(_cpu_context, scale=scale),
                           accelerator=functools.partial(fused_attention, scale=scale, cudnn=False),
                           cuda=functools.partial(fused_attention, scale=scale, cudnn=True),
-                          tpu=functools.partial(tpu_splash_attention, scale=scale))
+                          tpu=functools.partial(tpu_attention, scale=scale))
     return context, None
 
 
