@@ -94,7 +94,12 @@ def test_token_major_blocks_take_128_lanes_of_heads_or_the_whole_width():
     assert pallas_attention.heads_per_block(4, 32) == 4
     assert pallas_attention.heads_per_block(3, 64) == 3  # CvT-13 stage 2: 192 lanes, no 128-lane split
     assert pallas_attention.heads_per_block(1, 64) == 1
-    assert pallas_attention.supported(197, 197) and not pallas_attention.supported(3136, 784)
+    shaped = lambda heads, tokens, head_dim, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(  # noqa: E731
+        (8, heads, tokens, head_dim), dtype)
+    assert pallas_attention.supported(shaped(12, 197, 64), shaped(12, 197, 64))  # ViT-B/16
+    assert pallas_attention.supported(shaped(3, 784, 64), shaped(3, 196, 64))  # CvT-13 stage 2
+    assert not pallas_attention.supported(shaped(1, 3136, 64), shaped(1, 784, 64))  # CvT-13 stage 1: splash
+    assert not pallas_attention.supported(shaped(16, 257, 80), shaped(16, 257, 80))  # 1280 lanes a step: splash
 
 
 def _in_mesh(mesh, fn, *args):

@@ -210,7 +210,7 @@ def tpu_attention(q, k, v, *, scale):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or q.shape[0] % mesh.size:
         return fused_attention(q, k, v, scale=scale, cudnn=False)
-    if pallas_attention.supported(q.shape[2], k.shape[2]):
+    if pallas_attention.supported(q, k):
         kernel = functools.partial(pallas_attention.attention, scale=scale, interpret=_FORCED[0] == "tpu")
     else:
         kernel = functools.partial(_splash_attention, scale=scale)

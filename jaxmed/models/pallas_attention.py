@@ -23,6 +23,9 @@ LANES = 128
 # One head's queries × keys whose fp32 scores (and, backward, their gradients) a kernel step keeps in VMEM; larger
 # sequences (CvT-13's first stage, 3136 × 784) go to splash attention, which tiles them.
 MAX_SCORES = 512 * 512
+# VMEM for a step's blocks: the backward kernel's eight (five in, three out), each double-buffered by the pipeline.
+# With the scores above this stays within Mosaic's default 16 MiB scoped VMEM (v4, v5e, v5p; v6e has 32).
+MAX_BLOCK_BYTES = 8 * 2**20
 
 
 def heads_per_block(num_heads: int, head_dim: int) -> int:
@@ -33,8 +36,12 @@ def heads_per_block(num_heads: int, head_dim: int) -> int:
     return num_heads
 
 
-def supported(queries: int, keys: int) -> bool:
-    return queries * keys <= MAX_SCORES
+def supported(q, k) -> bool:
+    """Whether head-major q (B, heads, queries, head_dim) and k fit a kernel step whole."""
+    _, heads, queries, head_dim = q.shape
+    width = heads_per_block(heads, head_dim) * head_dim
+    blocks = 16 * max(queries, k.shape[2]) * width * q.dtype.itemsize
+    return queries * k.shape[2] <= MAX_SCORES and blocks <= MAX_BLOCK_BYTES
 
 
 def attention(q, k, v, *, scale: float, interpret: bool = False):
