@@ -35,6 +35,25 @@ def load_config(path: Path):
     return config
 
 
+# where a config's images come from: read by no compiled program (the classes are counted separately)
+DATA_SOURCE_KEYS = ("format", "root", "source")
+
+
+def program_key(config, programs) -> str | None:
+    """What a config's compiled programs depend on: the config without its data source, and its number of classes
+    (their names are labels, not shapes). Configs with equal keys compile to the same programs (configs/brisc_vit.py
+    and sartaj_vit.py differ only in where the images come from), so the table compiles one of them; None when the
+    classes cannot be told here."""
+    try:
+        classes = programs.class_names(config, None)
+    except Exception:  # noqa: BLE001 — this config's own compile reports the error
+        return None
+    tree = config.to_dict()
+    for key in DATA_SOURCE_KEYS:
+        tree["data"].pop(key, None)
+    return json.dumps([tree, len(classes)], sort_keys=True, default=str)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", type=Path, help="configs/X.py (repeatable; default: all)")
@@ -57,6 +76,7 @@ def main(argv=None) -> int:
     from jaxmed.compile import isolated, programs
     from jaxmed.errors import JaxmedError
 
+    keys = {path.stem: program_key(load_config(path), programs) for path in configs}  # for the records kept
     for path in tqdm(configs, desc="configs"):
         config = load_config(path)
         try:
@@ -65,8 +85,15 @@ def main(argv=None) -> int:
             records.append({"config": path.stem, "error": f"{type(error).__name__}: {error}"})
             continue
         batch = PER_DEVICE_BATCH_BY_MODEL.get(model_type, PER_DEVICE_BATCH)
+        key = keys[path.stem]
         for target in args.target or TARGETS:
             if (path.stem, target) in done:
+                continue
+            twin = next((r for r in records if key is not None and keys.get(r["config"]) == key
+                         and r.get("target") == target), None)
+            if twin is not None:  # the same programs were compiled for another config: its figures are these
+                records.append({**twin, "config": path.stem, "same_programs_as": twin["config"]})
+                args.out.write_text(json.dumps(records, indent=1) + "\n")
                 continue
             # each target in its own process (a libtpu SIGSEGV costs this row, not the table)
             try:
@@ -93,7 +120,8 @@ def markdown(records: list[dict]) -> str:
             lines.append(f"| {r['config']} | {r['target']} | {r['per_device_batch']} | > HBM | no | "
                          f"{r.get('largest_fitting_batch', '-')} | - | - | - | - |")
             continue
-        lines.append(f"| {r['config']} | {r['target']} | {r['per_device_batch']} | "
+        name = f"{r['config']} (= {r['same_programs_as']})" if r.get("same_programs_as") else r["config"]
+        lines.append(f"| {name} | {r['target']} | {r['per_device_batch']} | "
                      f"{r['bytes_per_device'] / 2**30:.3g} ({r['peak_bytes'] / 2**30:.3g}) | "
                      f"{'yes' if r['fits'] else 'no'} | {r.get('largest_fitting_batch', '-')} | "
                      f"{r['flops_per_image'] / 1e9:.3g} | "
