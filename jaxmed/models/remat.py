@@ -9,12 +9,12 @@ from flax import nnx
 from jaxmed.errors import JaxmedError
 from jaxmed.models import layers
 
-# none: keep every activation. blocks: keep each attention's q, k and v (head-major, in the compute dtype: the
+# none: keep every activation. blocks: keep each attention's q, k and v (token-major, in the compute dtype: the
 # outputs of its query/key/value projections, named by `layers.split_heads`, as MaxText's `save_qkv_proj`) and
 # recompute the rest of each transformer block (norms, the MLP, attention itself); blocks without attention (CNN
 # stages) keep only their input, as full does. full: keep only each block's input and recompute all of it.
-# Why not keep every matmul output: a ViT-B/16 block's linear outputs are 9 × its input in mixed precision's fp32
-# (2 × in bf16), ~65 MB per image over 12 blocks — more than `none` keeps after XLA's own choices (README,
+# Why not keep every matmul output: a ViT-B/16 block's linear outputs hold 9x its input's values, in mixed
+# precision as fp32 — 65 MB per image over 12 blocks, more than `none` keeps after XLA's own choices (README,
 # "model.remat").
 POLICIES = {"blocks": jax.checkpoint_policies.save_only_these_names(layers.ATTENTION_INPUT),
             "full": jax.checkpoint_policies.nothing_saveable}
