@@ -76,7 +76,9 @@ def main(argv=None) -> int:
     from jaxmed.compile import isolated, programs
     from jaxmed.errors import JaxmedError
 
-    keys = {path.stem: program_key(load_config(path), programs) for path in configs}  # for the records kept
+    # every shipped config's key: a record kept from an earlier run may be the twin of a config run now
+    keys = {path.stem: program_key(load_config(path), programs)
+            for path in {*configs, *(ROOT / "configs").glob("*.py")}}
     for path in tqdm(configs, desc="configs"):
         config = load_config(path)
         try:
