@@ -120,7 +120,7 @@ _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
 LINEAR_OUTPUT = "linear_output"
-ATTENTION_INPUT = "attention_input"  # the head-major q, k, v in the compute dtype: what `model.remat=blocks` keeps
+ATTENTION_INPUT = "attention_input"  # the token-major q, k, v in the compute dtype: what `model.remat=blocks` keeps
 
 
 def split_heads(t, num_heads: int, dtype):
