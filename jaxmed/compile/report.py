@@ -8,7 +8,7 @@ import re
 import time
 import traceback
 
-from jaxmed.compile import analysis, programs
+from jaxmed.compile import analysis, fit, programs
 from jaxmed.compile import targets as jtargets
 from jaxmed.errors import JaxmedError
 
@@ -114,53 +114,39 @@ def _misfit(program, target, message: str) -> dict:
 
 def largest_fitting_batch(run, target, model_type: str, dtype: str, records: list[dict],
                           resolution: float = FIT_RESOLUTION) -> int | None:
-    """The largest per-device batch whose most memory-hungry train step fits: doubling from the configured batch
-    (halving when it does not fit), then bisecting between the last fit and the first miss until the bracket is
-    within `resolution` of the fitting batch."""
+    """The largest per-device batch whose most memory-hungry train step fits, to within `resolution` (fit.py: from
+    the configured batch, doubling or halving once, then narrowing the bracket by interpolation; every probe is a
+    compile)."""
     trains = [r for r in records if r["program"].startswith("train/") and "error" not in r]
     if not trains:
         return None
     hungriest = max(range(len(trains)), key=lambda i: trains[i]["bytes_per_device"] or float("inf"))
     phase = [p.name for p in run.phases].index(trains[hungriest]["program"].removeprefix("train/"))
-    cache = {trains[hungriest]["per_device_batch"]: trains[hungriest]["fits"]}
 
-    def fits(batch: int) -> bool:
-        if batch not in cache:
-            [program] = programs.train_programs(run, target.name, batch, phases=[phase])
-            lowered = program.step.lower(*program.args)
-            try:
-                compiled = lowered.compile()
-            except Exception as error:
-                if target.platform == "cuda" and TRITON_TILING_ERROR in str(error):
-                    compiled = lowered.compile(compiler_options=dict(NO_TRITON_GEMM))
-                elif out_of_memory(error):
-                    cache[batch] = False  # the compiler itself refused: the program cannot fit
-                    return False
-                else:
-                    raise
-            cache[batch] = analysis.fits(analysis.memory(compiled), target.chip.hbm_bytes)
-        return cache[batch]
-
-    start = trains[hungriest]["per_device_batch"]
-    if fits(start):
-        low, high = start, None
-        while high is None and low < MAX_FIT_BATCH:
-            if fits(low * 2):
-                low *= 2
+    def probe(batch: int) -> tuple[bool, float | None]:
+        [program] = programs.train_programs(run, target.name, batch, phases=[phase])
+        lowered = program.step.lower(*program.args)
+        try:
+            compiled = lowered.compile()
+        except Exception as error:
+            if target.platform == "cuda" and TRITON_TILING_ERROR in str(error):
+                compiled = lowered.compile(compiler_options=dict(NO_TRITON_GEMM))
+            elif out_of_memory(error):
+                return False, None  # the compiler itself refused: the program cannot fit
             else:
-                high = low * 2
-        if high is None:
-            return low
-    else:
-        high, low = start, start // 2
-        while low >= 1 and not fits(low):
-            high, low = low, low // 2
-        if low < 1:
-            return 0
-    while high - low > max(1, int(low * resolution)):
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low
+                raise
+        return _fit_and_size(analysis.memory(compiled), target)
+
+    start = trains[hungriest]
+    size = None if start["bytes_per_device"] is None else _fit_and_size(start, target)[1]  # None: refused
+    known = {start["per_device_batch"]: (start["fits"], size)}
+    return fit.largest_fitting(probe, start["per_device_batch"], analysis.HEADROOM * target.chip.hbm_bytes,
+                               resolution=resolution, maximum=MAX_FIT_BATCH, known=known)
+
+
+def _fit_and_size(memory: dict, target) -> tuple[bool, float]:
+    """A step's fit and the size the fit test compares with the limit."""
+    return analysis.fits(memory, target.chip.hbm_bytes), max(memory["bytes_per_device"], memory["peak_bytes"] or 0)
 
 
 def compile_all(config, names: list[str], *, num_classes=None, fit_batch=False, fit_only_if_needed=False,
