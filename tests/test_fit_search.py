@@ -19,11 +19,14 @@ CURVES = {  # memory per device against the per-device batch
     "fixed cost near the limit": lambda b: 15 * GIB + 0.001 * GIB * b,
     "tiny model": lambda b: 0.1 * GIB + 1e-4 * GIB * b,
     "nothing fits": lambda b: 20 * GIB + b,
+    "only a few images fit": lambda b: 14 * GIB + 0.3 * GIB * b,
+    # a batch that is no multiple of 8 pads to the next tile and takes more than the aligned batch above it
+    "padding penalty": lambda b: 2.5 * GIB + 0.05 * GIB * b + (0.6 * GIB if b % 8 else 0),
 }
 RESOLUTION, MAXIMUM = 1 / 16, 1 << 14
 
 
-def search(curve, start=256, refuse_over=None):
+def search(curve, start=256, refuse_over=None, multiple=1):
     """The search against `curve`; a size over `refuse_over` is a compiler refusal (libtpu's out of memory: no
     size)."""
     probes = []
@@ -36,7 +39,8 @@ def search(curve, start=256, refuse_over=None):
             return False, None
         return size <= LIMIT, size
 
-    return largest_fitting(probe, start, LIMIT, resolution=RESOLUTION, maximum=MAXIMUM), probes
+    found = largest_fitting(probe, start, LIMIT, resolution=RESOLUTION, maximum=MAXIMUM, multiple=multiple)
+    return found, probes
 
 
 def bisection_probes(curve, start=256):
@@ -65,25 +69,42 @@ def bisection_probes(curve, start=256):
     return len(seen)
 
 
-def true_edge(curve):
-    return max((b for b in range(1, MAXIMUM + 1) if curve(b) <= LIMIT), default=0)
+def true_edge(curve, multiple=1):
+    candidates = [b for b in range(1, MAXIMUM + 1) if b % multiple == 0 or b < multiple]
+    return max((b for b in candidates if curve(b) <= LIMIT), default=0)
 
 
 @pytest.mark.parametrize("name", CURVES)
-@pytest.mark.parametrize("start", [8, 256, 4096])
+@pytest.mark.parametrize("start", [5, 8, 256, 4096])
 @pytest.mark.parametrize("refuse_over", [None, 17 * GIB])
-def test_the_answer_fits_and_is_within_the_resolution_of_the_edge(name, start, refuse_over):
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_the_answer_fits_and_is_within_the_resolution_of_the_edge(name, start, refuse_over, multiple):
     curve = CURVES[name]
-    found, probes = search(curve, start, refuse_over)
-    edge = true_edge(curve)
+    found, probes = search(curve, start, refuse_over, multiple)
+    if name == "padding penalty" and multiple == 1:
+        return  # not monotone in the batch: see the next test
+    edge = true_edge(curve, multiple if true_edge(curve) >= multiple else 1)
     if edge == 0:
         assert found == 0 and 1 in probes  # even one image was compiled and refused
         return
+    step = max(multiple if found >= multiple else 1, int(found * RESOLUTION))
     assert found in probes and curve(found) <= LIMIT  # compiled, and it fits
-    assert edge - max(1, int(found * RESOLUTION)) <= found <= edge
+    assert edge - step <= found <= edge
+    if found >= multiple:
+        assert found % multiple == 0
     if found < MAXIMUM:  # a compiled miss closes the bracket
-        assert any(found < b <= found + max(1, int(found * RESOLUTION)) and curve(b) > LIMIT for b in probes)
-    assert len(probes) <= 12
+        assert any(found < b <= found + step and curve(b) > LIMIT for b in probes)
+    assert len(probes) <= 14
+
+
+def test_batches_in_multiples_of_the_tile_find_the_aligned_edge_that_all_integers_miss():
+    """Memory that is not monotone in the batch (padding to a tile): among all integers the search can close its
+    bracket on a padded miss far below the edge; in multiples of 8 it finds the largest aligned batch that fits."""
+    curve = CURVES["padding penalty"]
+    aligned, probes = search(curve, 256, multiple=8)
+    assert aligned == true_edge(curve, 8) == 248 and all(b % 8 == 0 for b in probes)
+    anywhere, _ = search(curve, 256, multiple=1)
+    assert anywhere < aligned
 
 
 def test_affine_curves_need_fewer_compiles_than_bisection():

@@ -19,6 +19,9 @@ MAX_FIT_BATCH = 1 << 14  # per device: past this the doubling stops (every shipp
 # Bisection stops when the bracket is within this fraction of the batch that fits: a full-size compile takes
 # minutes here, and a batch known to ~6% is what a user needs to choose one.
 FIT_RESOLUTION = 1 / 16
+# Batches are probed in multiples of 8 (down to 8; smaller only when 8 does not fit): an unaligned batch pads and
+# can need more memory than the aligned one above it, and 8 is what people choose batches by (fit.py).
+FIT_MULTIPLE = 8
 
 
 def compile_program(program: programs.Program, target: jtargets.Target, model_type: str, dtype: str) -> dict:
@@ -141,7 +144,7 @@ def largest_fitting_batch(run, target, model_type: str, dtype: str, records: lis
     size = None if start["bytes_per_device"] is None else _fit_and_size(start, target)[1]  # None: refused
     known = {start["per_device_batch"]: (start["fits"], size)}
     return fit.largest_fitting(probe, start["per_device_batch"], analysis.HEADROOM * target.chip.hbm_bytes,
-                               resolution=resolution, maximum=MAX_FIT_BATCH, known=known)
+                               resolution=resolution, maximum=MAX_FIT_BATCH, multiple=FIT_MULTIPLE, known=known)
 
 
 def _fit_and_size(memory: dict, target) -> tuple[bool, float]:
