@@ -68,7 +68,9 @@ def largest_fitting(probe: Probe, start: int, limit: float, *, resolution: float
         if guess is None or (width is not None and high - low > width / 2):
             guess = (low + high) // 2
         width = high - low
-        guess, step = min(max(guess, low + 1), high - 1), max(1, int(low * resolution))
+        step = max(1, int(low * resolution))
+        # at least a step inside each end: a probe next to an end closes nothing the next probe would not
+        guess = min(max(guess, low + step), high - step) if high - low > 2 * step else (low + high) // 2
         # a guess just below the edge is followed by one just above it (and the reverse): the bracket closes in two
         if fits(guess):
             if guess + step < high:
