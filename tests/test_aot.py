@@ -101,9 +101,9 @@ def test_every_shipped_config_builds_its_programs_from_shapes_alone(path):
     assert lowered.out_info[1]["loss"].shape == () and report.program_devices(first) == 8
 
 
-def test_a_batch_that_does_not_fit_reports_a_smaller_one_that_does(monkeypatch):
+def test_a_batch_that_does_not_fit_reports_a_smaller_one_that_does(monkeypatch, capsys):
     """A chip with a few MiB of HBM (the real 16 GiB would need a large model and minutes): 64 images per device
-    do not fit, --fit-batch finds a smaller batch that does."""
+    do not fit, --fit-batch finds a smaller batch that does; the record keeps the compiles that show it."""
     from jaxmed.compile import report, targets
 
     real = targets.target
@@ -116,7 +116,19 @@ def test_a_batch_that_does_not_fit_reports_a_smaller_one_that_does(monkeypatch):
     [record] = compile_records(config_file("tests/tiny_config.py"), "v5litepod-8", per_device_batch=64,
                                include_eval=False, fit_batch=True, resolution=0.5)
     assert record["fits"] is False and record["host_callbacks"] == 0
-    assert 1 <= record["largest_fitting_batch"] < 64
+    largest, probes = record["largest_fitting_batch"], record["fit_probes"]
+    assert 1 <= largest < 64
+    assert probes[0] == {"per_device_batch": 64, "fits": False, "bytes": probes[0]["bytes"]}
+    limit = 0.95 * 13 * 2**20
+    for probe in probes:  # each verdict is the size against the headroom
+        assert probe["fits"] == (probe["bytes"] <= limit), probe
+    assert {"per_device_batch": largest, "fits": True} in [{k: p[k] for k in ("per_device_batch", "fits")}
+                                                          for p in probes]
+    misses = [p["per_device_batch"] for p in probes if not p["fits"] and p["per_device_batch"] > largest]
+    assert min(misses) <= max(largest + 8, largest * 1.5)  # a compiled miss within the resolution (or 8) above
+    assert len({p["per_device_batch"] for p in probes}) == len(probes)  # no batch compiled twice
+    err = capsys.readouterr().err
+    assert f"fit search v5litepod-8: {largest} per device fits" in err
 
 
 def test_host_callbacks_inside_a_step_are_counted():

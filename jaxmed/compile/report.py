@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 import traceback
 
@@ -16,7 +17,7 @@ from jaxmed.errors import JaxmedError
 TRITON_TILING_ERROR = "Couldn't find output tile sizes"
 NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
 MAX_FIT_BATCH = 1 << 14  # per device: past this the doubling stops (every shipped model fits less)
-# Bisection stops when the bracket is within this fraction of the batch that fits: a full-size compile takes
+# The search stops when the bracket is within this fraction of the batch that fits: a full-size compile takes
 # minutes here, and a batch known to ~6% is what a user needs to choose one.
 FIT_RESOLUTION = 1 / 16
 # Batches are probed in multiples of 8 (down to 8; smaller only when 8 does not fit): an unaligned batch pads and
@@ -93,10 +94,12 @@ def compile_target(config, name: str, *, num_classes: int | None = None, fit_bat
         if progress is not None:
             progress.update(1)
     if fit_batch and (not fit_only_if_needed or any(r.get("fits") is False for r in records)):
-        largest = largest_fitting_batch(run, target, model_type, dtype, records, resolution)
+        probes = []
+        largest = largest_fitting_batch(run, target, model_type, dtype, records, resolution, probes)
         for entry in records:
             if entry["program"].startswith("train/"):
                 entry["largest_fitting_batch"] = largest
+                entry["fit_probes"] = probes
     return records
 
 
@@ -116,15 +119,17 @@ def _misfit(program, target, message: str) -> dict:
 
 
 def largest_fitting_batch(run, target, model_type: str, dtype: str, records: list[dict],
-                          resolution: float = FIT_RESOLUTION) -> int | None:
+                          resolution: float = FIT_RESOLUTION, probes: list | None = None) -> int | None:
     """The largest per-device batch whose most memory-hungry train step fits, to within `resolution` (fit.py: from
     the configured batch, doubling or halving once, then narrowing the bracket by interpolation; every probe is a
-    compile)."""
+    compile). Each compile it made is appended to `probes` (batch, fits, the size it was judged by): the evidence of
+    the answer, a fit there and a miss just above it, and a bracket to start from if a search is cut short."""
     trains = [r for r in records if r["program"].startswith("train/") and "error" not in r]
     if not trains:
         return None
     hungriest = max(range(len(trains)), key=lambda i: trains[i]["bytes_per_device"] or float("inf"))
     phase = [p.name for p in run.phases].index(trains[hungriest]["program"].removeprefix("train/"))
+    limit = analysis.HEADROOM * target.chip.hbm_bytes
 
     def probe(batch: int) -> tuple[bool, float | None]:
         [program] = programs.train_programs(run, target.name, batch, phases=[phase])
@@ -135,15 +140,26 @@ def largest_fitting_batch(run, target, model_type: str, dtype: str, records: lis
             if target.platform == "cuda" and TRITON_TILING_ERROR in str(error):
                 compiled = lowered.compile(compiler_options=dict(NO_TRITON_GEMM))
             elif out_of_memory(error):
-                return False, None  # the compiler itself refused: the program cannot fit
+                return _probed(batch, False, None)  # the compiler itself refused: the program cannot fit
             else:
                 raise
-        return _fit_and_size(analysis.memory(compiled), target)
+        return _probed(batch, *_fit_and_size(analysis.memory(compiled), target))
+
+    def _probed(batch: int, ok: bool, size: float | None) -> tuple[bool, float | None]:
+        if probes is not None:
+            probes.append({"per_device_batch": batch, "fits": ok, "bytes": size})
+        # each probe is minutes of compiling: say where the search is (stderr, also from a child process)
+        where = "refused by the compiler" if size is None else f"{size / 2**30:.2f} GiB of {limit / 2**30:.2f}"
+        print(f"fit search {target.name}: {batch} per device {'fits' if ok else 'does not fit'} ({where})",
+              file=sys.stderr, flush=True)
+        return ok, size
 
     start = trains[hungriest]
     size = None if start["bytes_per_device"] is None else _fit_and_size(start, target)[1]  # None: refused
+    if probes is not None:
+        probes.append({"per_device_batch": start["per_device_batch"], "fits": start["fits"], "bytes": size})
     known = {start["per_device_batch"]: (start["fits"], size)}
-    return fit.largest_fitting(probe, start["per_device_batch"], analysis.HEADROOM * target.chip.hbm_bytes,
+    return fit.largest_fitting(probe, start["per_device_batch"], limit,
                                resolution=resolution, maximum=MAX_FIT_BATCH, multiple=FIT_MULTIPLE, known=known)
 
 
