@@ -4,6 +4,7 @@ fewer probes (each a full compile) than doubling and bisecting."""
 
 import math
 
+import numpy as np
 import pytest
 
 from jaxmed.compile.fit import largest_fitting
@@ -125,3 +126,22 @@ def test_probes_already_made_are_not_compiled_again():
 
     largest_fitting(probe, 256, LIMIT, resolution=RESOLUTION, maximum=MAXIMUM, known={256: (False, curve(256))})
     assert 256 not in probes
+
+
+def test_a_fit_that_closes_the_bracket_ends_the_search():
+    """libtpu's CvT-13 train step on a v6e-8 (GiB per chip as compiled at these batches; flat where the compiler
+    rematerialises more as HBM runs out): 1120 fits and 1184 does not, within 1/16 of 1120 — the search ends there
+    (it used to compile 1152 as well, minutes for nothing)."""
+    compiled = {128: 7.22, 256: 14.18, 552: 28.46, 592: 28.17, 1120: 29.91, 1184: 30.67}
+    limit = 0.95 * 32 * GIB
+    probes = []
+
+    def probe(batch):
+        assert batch not in probes
+        probes.append(batch)
+        size = float(np.interp(batch, list(compiled), list(compiled.values()))) * GIB
+        return size <= limit, size
+
+    found = largest_fitting(probe, 128, limit, resolution=RESOLUTION, maximum=MAXIMUM, multiple=8,
+                            known={128: (True, 7.22 * GIB)})
+    assert found == 1120 and probes == [256, 552, 592, 1184, 1120]

@@ -72,8 +72,8 @@ def largest_fitting(probe: Probe, start: int, limit: float, *, resolution: float
         # at least a step inside each end: a probe next to an end closes nothing the next probe would not
         guess = min(max(guess, low + step), high - step) if high - low > 2 * step else (low + high) // 2
         # a guess just below the edge is followed by one just above it (and the reverse): the bracket closes in two
-        if fits(guess):
-            if guess + step < high:
+        if fits(guess):  # (unless the fit itself closed the bracket: its resolution is relative to the new low)
+            if guess + step < high and high - guess > max(1, int(guess * resolution)):
                 fits(guess + step)
         elif guess - step > low:
             fits(guess - step)
